@@ -1,0 +1,3 @@
+from memoryformer.cli import main
+
+main()

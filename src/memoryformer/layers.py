@@ -1,0 +1,148 @@
+"""Memory Layer (paper §2) and Memory Block (paper §2.4): the drop-in replacements for nn.Linear and the FFN."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from memoryformer.ops import chunk_hash, memory_lookup, resolve_backend
+from memoryformer.ops.memory import WEIGHTINGS
+
+
+class MemoryLayer(nn.Module):
+    """A hash-table replacement for `nn.Linear(in_features, out_features)`.
+
+    The input is cut into K = in_features // tau chunks; chunk k's sign pattern picks one of the 2**tau rows of
+    `tables[k]`, and the output is the sum of the K rows, each scaled by a differentiable weight of its chunk.
+
+    Args:
+        in_features: input width, a multiple of tau.
+        out_features: output width h.
+        tau: bits per chunk (rows per table = 2**tau).
+        bias: add a learned bias of shape (out_features,).
+        weighting: "code" (default): ||z||_1 * prod_j sigmoid(2|z_j|/t), as the authors' code;
+            "paper": prod_j sigmoid(2|z_j|/t), Eq. 10.
+        temperature: t.
+        backend: which kernel runs the gather ("auto", "reference", "embedding_bag", ...); see `memoryformer.ops`.
+
+    Shapes: input (..., in_features) floating; output (..., out_features) in the tables' dtype.
+    Parameters: `tables` (K, 2**tau, out_features), `bias` (out_features,) or None.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        tau: int = 8,
+        *,
+        bias: bool = True,
+        weighting: str = "code",
+        temperature: float = 1.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not (isinstance(tau, int) and 1 <= tau <= 16):
+            raise ValueError(f"tau: expected an integer in [1, 16], got {tau!r}")
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features} and {out_features}")
+        if in_features % tau:
+            raise ValueError(f"in_features={in_features} is not a multiple of tau={tau} (K = in_features / tau chunks)")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+        self.in_features, self.out_features, self.tau = in_features, out_features, tau
+        self.n_tables = in_features // tau
+        self.weighting, self.temperature, self.backend = weighting, float(temperature), backend
+        factory = dict(device=device, dtype=dtype)
+        self.tables = nn.Parameter(torch.empty(self.n_tables, 2**tau, out_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, bias_std: float = 0.001) -> None:
+        """Tables ~ N(0, std^2), bias ~ N(0, bias_std^2) (the authors' defaults)."""
+        nn.init.normal_(self.tables, std=std)
+        if self.bias is not None:
+            nn.init.normal_(self.bias, std=bias_std)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"MemoryLayer expects a floating-point tensor, got {got}")
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"MemoryLayer expects input (..., {self.in_features}) (last dim = in_features), got shape {tuple(x.shape)}"
+            )
+
+    def hash(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes (..., K) int64, weights (..., K) float). Share it across layers with the same input and tau."""
+        self._check_input(x)
+        return chunk_hash(x, self.tau, weighting=self.weighting, temperature=self.temperature)
+
+    def forward(self, x: torch.Tensor, hash: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if hash is None:
+            codes, weights = self.hash(x)
+        else:
+            codes, weights = hash
+            if codes.shape[-1] != self.n_tables or codes.shape != weights.shape:
+                raise ValueError(
+                    f"hash: expected codes and weights of shape (..., {self.n_tables}), "
+                    f"got {tuple(codes.shape)} and {tuple(weights.shape)}"
+                )
+        return memory_lookup(codes, weights, self.tables, self.bias, backend=self.backend)
+
+    def kernel(self) -> str:
+        """Name of the backend that runs for the current tables."""
+        return resolve_backend(self.backend, self.tables).name
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, tau={self.tau}, "
+            f"K={self.n_tables}, bias={self.bias is not None}, weighting={self.weighting!r}, "
+            f"temperature={self.temperature}, backend={self.backend!r}"
+        )
+
+
+class MemoryBlock(nn.Module):
+    """The FFN replacement (paper §2.4): MemoryLayer(d -> (tau+e)K) -> LayerNorm -> [act] -> MemoryLayer(-> d).
+
+    The second layer hashes chunks of tau + e bits ("expanding bits", e = `expand_bits`), so its tables have
+    2**(tau+e) rows: 4x the first layer's for e = 2, mirroring a dense FFN's 4x expansion. The paper uses no
+    activation; `activation="gelu"` adds one after the first layer (Table 6).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        tau: int = 8,
+        expand_bits: int = 2,
+        *,
+        activation: str | None = None,
+        bias: bool = True,
+        weighting: str = "code",
+        temperature: float = 1.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if activation not in (None, "gelu"):
+            raise ValueError(f"activation: expected None or 'gelu', got {activation!r}")
+        kw = dict(bias=bias, weighting=weighting, temperature=temperature, backend=backend, device=device, dtype=dtype)
+        hidden = (tau + expand_bits) * (d_model // tau)
+        self.l1 = MemoryLayer(d_model, hidden, tau, **kw)
+        self.act = nn.GELU() if activation == "gelu" else nn.Identity()
+        self.norm = nn.LayerNorm(hidden, eps=1e-5, device=device, dtype=dtype)  # centres the input of the 2nd hash
+        self.l2 = MemoryLayer(hidden, d_model, tau + expand_bits, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
+        return self.l2(self.norm(self.act(self.l1(x))))
+
+
+def small_init_std(d_model: int) -> float:
+    """GPT-NeoX small_init: sqrt(2 / (5 d))."""
+    return math.sqrt(2.0 / (5.0 * d_model))
