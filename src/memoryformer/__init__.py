@@ -6,6 +6,7 @@
     dense = mf.Transformer(mf.get_config("pythia-70m"))   # its dense control
 """
 
+from memoryformer.checkpoint import load_model as load, save_model
 from memoryformer.config import ConfigError, MemoryFormerError, ModelConfig, get_config, preset_names
 from memoryformer.layers import MemoryBlock, MemoryLayer
 from memoryformer.model import MemoryFormer, Transformer, build_model
@@ -22,5 +23,7 @@ __all__ = [
     "Transformer",
     "build_model",
     "get_config",
+    "load",
+    "save_model",
     "preset_names",
 ]
