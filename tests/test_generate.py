@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+import memoryformer as mf
+from memoryformer.generate import generate
+
+
+def model():
+    torch.manual_seed(0)
+    return mf.MemoryFormer(mf.get_config("micro", n_layer=1, d_model=32, n_head=2, tau=4, vocab_size=50, max_seq_len=16)).eval()
+
+
+def test_greedy_matches_argmax_and_crops_context():
+    m = model()
+    idx = torch.randint(0, 50, (2, 5))
+    out = generate(m, idx, 20, temperature=0)
+    assert out.shape == (2, 25) and torch.equal(out[:, :5], idx)
+    for t in (5, 12, 24):  # each new token is the argmax given the (cropped) context before it
+        ctx = out[:, max(0, t - 16) : t]
+        assert torch.equal(out[:, t], m(ctx)[0][:, -1].argmax(-1))
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    m = model()
+    idx = torch.randint(0, 50, (3, 4))
+    a = generate(m, idx, 6, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    b = generate(m, idx, 6, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert torch.equal(generate(m, idx, 6, top_k=1), generate(m, idx, 6, temperature=0))
+    assert torch.equal(generate(m, idx, 6, top_p=1e-6), generate(m, idx, 6, temperature=0))
+
+
+def test_stops_at_eos_and_rejects_bad_arguments():
+    m = model()
+    idx = torch.randint(0, 50, (1, 4))
+    first = generate(m, idx, 1, temperature=0)[0, -1].item()
+    out = generate(m, idx, 10, temperature=0, eos_token=first)
+    assert out.shape == (1, 5)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(m, idx, 2, top_p=0)
