@@ -7,8 +7,18 @@ import math
 import torch
 import torch.nn as nn
 
-from memoryformer.ops import chunk_hash, memory_lookup, resolve_backend
+from memoryformer.ops import (
+    backend_names,
+    chunk_hash,
+    dequantize_rows,
+    memory_layer,
+    memory_lookup,
+    quantize_rows,
+    resolve_backend,
+)
 from memoryformer.ops.memory import WEIGHTINGS
+
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 
 
 class MemoryLayer(nn.Module):
@@ -25,10 +35,12 @@ class MemoryLayer(nn.Module):
         weighting: "code" (default): ||z||_1 * prod_j sigmoid(2|z_j|/t), as the authors' code;
             "paper": prod_j sigmoid(2|z_j|/t), Eq. 10.
         temperature: t.
-        backend: which kernel runs the gather ("auto", "reference", "embedding_bag", ...); see `memoryformer.ops`.
+        backend: which kernel runs the gather: "auto" (default: Triton on CUDA, the "cpu" kernels on CPU),
+            "reference", "embedding_bag", "cpu", "triton"; see `memoryformer.ops`.
 
     Shapes: input (..., in_features) floating; output (..., out_features) in the tables' dtype.
-    Parameters: `tables` (K, 2**tau, out_features), `bias` (out_features,) or None.
+    Parameters: `tables` (K, 2**tau, out_features), `bias` (out_features,) or None. After `to_inference("int8")`
+    the tables are frozen int8 and a `table_scale` (K, 2**tau) buffer holds one scale per row.
     """
 
     def __init__(
@@ -55,12 +67,16 @@ class MemoryLayer(nn.Module):
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
         if not temperature > 0:
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+        if backend not in backend_names():
+            raise ValueError(f"backend: expected one of {backend_names()}, got {backend!r}")
         self.in_features, self.out_features, self.tau = in_features, out_features, tau
         self.n_tables = in_features // tau
         self.weighting, self.temperature, self.backend = weighting, float(temperature), backend
         factory = dict(device=device, dtype=dtype)
         self.tables = nn.Parameter(torch.empty(self.n_tables, 2**tau, out_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_buffer("table_scale", None)  # (K, 2**tau) float32 for int8 inference tables
+        self.output_dtype: torch.dtype | None = None  # set by to_inference: keep the model's activation dtype
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, bias_std: float = 0.001) -> None:
@@ -85,7 +101,11 @@ class MemoryLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, hash: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if hash is None:
-            codes, weights = self.hash(x)
+            self._check_input(x)
+            y = memory_layer(
+                x, self.tables, self.bias, tau=self.tau, weighting=self.weighting, temperature=self.temperature,
+                backend=self.backend, scale=self.table_scale,
+            )
         else:
             codes, weights = hash
             if codes.shape[-1] != self.n_tables or codes.shape != weights.shape:
@@ -93,17 +113,44 @@ class MemoryLayer(nn.Module):
                     f"hash: expected codes and weights of shape (..., {self.n_tables}), "
                     f"got {tuple(codes.shape)} and {tuple(weights.shape)}"
                 )
-        return memory_lookup(codes, weights, self.tables, self.bias, backend=self.backend)
+            y = memory_lookup(codes, weights, self.tables, self.bias, backend=self.backend, scale=self.table_scale)
+        return y if self.output_dtype is None else y.to(self.output_dtype)
 
     def kernel(self) -> str:
         """Name of the backend that runs for the current tables."""
         return resolve_backend(self.backend, self.tables).name
+
+    @torch.no_grad()
+    def to_inference(self, dtype: str | torch.dtype = "int8") -> MemoryLayer:
+        """Freeze the tables for inference as "float32", "bfloat16", "float16" or "int8" (one scale per row).
+
+        Outputs keep the dtype the layer produced before (the tables' old dtype), so the rest of the model is
+        unchanged. The tables no longer train; state_dict then holds `tables` in the new dtype (and `table_scale`).
+        """
+        dtype = INFERENCE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if dtype not in INFERENCE_DTYPES.values():
+            raise ValueError(f"dtype: expected one of {list(INFERENCE_DTYPES)}, got {dtype!r}")
+        if self.table_scale is not None:
+            tables = dequantize_rows(self.tables, self.table_scale)
+        else:
+            tables = self.tables.detach()
+        if self.output_dtype is None:
+            self.output_dtype = tables.dtype
+        if dtype == torch.int8:
+            q, scale = quantize_rows(tables)
+            self.tables = nn.Parameter(q, requires_grad=False)
+            self.table_scale = scale
+        else:
+            self.tables = nn.Parameter(tables.to(dtype), requires_grad=False)
+            self.table_scale = None
+        return self
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, tau={self.tau}, "
             f"K={self.n_tables}, bias={self.bias is not None}, weighting={self.weighting!r}, "
             f"temperature={self.temperature}, backend={self.backend!r}"
+            + (f", tables={str(self.tables.dtype).removeprefix('torch.')}" if self.output_dtype is not None else "")
         )
 
 
@@ -141,6 +188,15 @@ class MemoryBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
         return self.l2(self.norm(self.act(self.l1(x))))
+
+
+@torch.no_grad()
+def to_inference(model: nn.Module, dtype: str | torch.dtype = "int8") -> nn.Module:
+    """Convert every MemoryLayer in `model` to frozen inference tables (see `MemoryLayer.to_inference`)."""
+    for m in model.modules():
+        if isinstance(m, MemoryLayer):
+            m.to_inference(dtype)
+    return model
 
 
 def small_init_std(d_model: int) -> float:

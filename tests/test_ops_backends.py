@@ -1,0 +1,218 @@
+"""CPU backends of the Memory Layer op against the float64 reference; the custom op's registrations; int8/bf16
+inference tables; how "auto" chooses."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import memoryformer.ops as ops
+from memoryformer import MemoryLayer
+from memoryformer.layers import to_inference
+from memoryformer.ops import cpu, lookup_reference, memory_lookup, quantize_rows, resolve_backend
+
+CPU_BACKENDS = ["reference", "embedding_bag", "cpu"]
+
+
+def _problem(N=23, K=3, R=16, h=20, dtype=torch.float64, lead=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = lead or (N,)
+    codes = torch.randint(0, R, (*shape, K), generator=g)
+    w = torch.rand(*shape, K, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    T = torch.randn(K, R, h, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return codes, w, T
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("lead", [(23,), (2, 3, 4), (1,)])
+def test_matches_reference_float64(backend, lead):
+    codes, w, T = _problem(lead=lead)
+    bias = torch.randn(T.shape[2], dtype=torch.float64, requires_grad=True)
+    y = memory_lookup(codes, w, T, bias, backend=backend)
+    ref = lookup_reference(codes, w, T) + bias
+    gy = torch.randn_like(ref)
+    got = torch.autograd.grad(y, [w, T, bias], gy)
+    want = torch.autograd.grad(ref, [w, T, bias], gy)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_cpu_low_precision(dtype, tol):
+    codes, w, T = _problem(N=40, K=8, R=16, h=64, dtype=dtype)
+    y = memory_lookup(codes, w, T, backend="cpu")
+    assert y.dtype == dtype
+    ref = lookup_reference(codes, w.double(), T.double())
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    gw, gt = torch.autograd.grad(y, [w, T], torch.ones_like(y))
+    rw, rt = torch.autograd.grad(ref, [w, T], torch.ones_like(ref))
+    for a, b in ((gw, rw), (gt, rt)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * b.abs().max().item())
+
+
+def test_cpu_backward_fallback_chunks_and_int32_codes(monkeypatch):
+    def unavailable(*args):
+        raise RuntimeError("no such ATen op")
+
+    monkeypatch.setattr(cpu, "_embedding_bag_backward", unavailable)  # the general path
+    monkeypatch.setattr(cpu, "_CHUNK_ELEMS", 1)  # one token per step: exercises the chunk loop and its tail
+    codes, w, T = _problem(N=7)
+    y = memory_lookup(codes.int(), w, T, backend="cpu")
+    ref = lookup_reference(codes, w, T)
+    for a, b in zip(torch.autograd.grad(y.sum(), [w, T]), torch.autograd.grad(ref.sum(), [w, T])):
+        torch.testing.assert_close(a, b)
+
+
+def test_cpu_backward_is_deterministic():
+    codes, w, T = _problem(N=300, K=4, R=4, h=64, dtype=torch.float32)  # ~75 tokens per row
+    grads = [torch.autograd.grad(memory_lookup(codes, w, T, backend="cpu").square().sum(), [w, T]) for _ in range(3)]
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
+def test_opcheck_cpu_op():
+    codes, w, T = _problem(N=6, K=2, R=8, h=5)
+    torch.library.opcheck(cpu.lookup_op, (codes, w, T))
+    torch.library.opcheck(cpu.lookup_op, (codes, w.detach().float(), T.detach().float()))
+
+
+def test_gradcheck_through_op_and_layer():
+    codes, w, T = _problem(N=4, K=2, R=4, h=3)
+    assert torch.autograd.gradcheck(lambda w, T: memory_lookup(codes, w, T, backend="cpu"), (w, T))
+    layer = MemoryLayer(8, 3, tau=4, backend="cpu", dtype=torch.float64)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,))  # dL/dx through the weights of Eq. 10
+
+
+@pytest.mark.parametrize("weighting,temperature", [("code", 1.0), ("paper", 0.5)])
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("tau,tokens", [(4, 10), (8, 70), (10, 3)])
+def test_fused_inference_layer_matches_reference(weighting, temperature, table_dtype, tau, tokens):
+    torch.manual_seed(tau)
+    layer = MemoryLayer(4 * tau, 24, tau=tau, weighting=weighting, temperature=temperature, backend="cpu")
+    ref_layer = MemoryLayer(4 * tau, 24, tau=tau, weighting=weighting, temperature=temperature, backend="reference")
+    ref_layer.load_state_dict(layer.state_dict())
+    if table_dtype != torch.float32:
+        for m in (layer, ref_layer):
+            m.to_inference(table_dtype)
+    x = torch.randn(tokens, 4 * tau)
+    x[0, :3] = 0.0  # sign(0) = +1
+    with torch.no_grad():
+        fused = layer(x)
+        unfused = layer(x, hash=layer.hash(x))
+        ref = ref_layer(x)
+    tol = 1e-5 if table_dtype != torch.bfloat16 else 2e-2  # bf16: embedding_bag rounds weights and output to bf16
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, unfused, rtol=tol, atol=tol)
+    torch.testing.assert_close(fused, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("tau", [1, 3, 8, 10, 16])
+def test_pack_bits(tau):
+    from memoryformer.ops.memory import pack_bits
+
+    bits = torch.rand(300, 7, tau) > 0.5
+    want = (bits.long() * 2 ** torch.arange(tau - 1, -1, -1)).sum(-1)
+    assert torch.equal(pack_bits(bits), want)
+    assert torch.equal(pack_bits(bits[:, ::2]), want[:, ::2])  # non-contiguous
+    assert torch.equal(pack_bits(bits[:2]), want[:2])  # the small-input path
+
+
+def test_quantize_rows_roundtrip():
+    T = torch.randn(3, 16, 40)
+    T[0, 0] = 0.0  # an all-zero row
+    q, scale = quantize_rows(T)
+    assert q.dtype == torch.int8 and scale.shape == (3, 16) and q.abs().max() <= 127
+    err = (ops.dequantize_rows(q, scale) - T).abs()
+    assert (err <= scale[..., None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_int8_lookup_folds_scale(backend):
+    codes, w, T = _problem(N=9, K=3, R=16, h=24, dtype=torch.float32)
+    q, scale = quantize_rows(T)
+    y = memory_lookup(codes, w.detach(), q, backend=backend, scale=scale)
+    want = lookup_reference(codes, w.detach().double(), q.double() * scale.double()[..., None])
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 2e-2), ("int8", 2e-2), ("float16", 2e-3)])
+def test_to_inference_keeps_outputs(dtype, tol):
+    torch.manual_seed(0)
+    layer = MemoryLayer(64, 48, tau=8)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        want = layer(x)
+        to_inference(layer, dtype)
+        got = layer(x)
+    assert got.dtype == torch.float32 and not layer.tables.requires_grad
+    assert layer.kernel() == "cpu"
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    sd = layer.state_dict()
+    assert ("table_scale" in sd) == (dtype == "int8")
+    assert "int8" in repr(layer) or dtype != "int8"
+
+
+def test_auto_choice_on_cpu():
+    layer = MemoryLayer(16, 8, tau=4)
+    assert layer.kernel() == "cpu"
+    with torch.no_grad():
+        assert layer.kernel() == "cpu"
+    assert layer.to_inference("int8").kernel() == "cpu"
+    assert resolve_backend("auto", torch.empty(2, 4, 3, device="meta")).name == "reference"
+
+
+def test_fallback_notice_once(caplog, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ops.memory, "_fallback_noted", set())
+    monkeypatch.setattr(ops.memory, "_resolved", {})
+    T = torch.randn(2, 4, 3)
+    with caplog.at_level(logging.WARNING, logger="memoryformer"):
+        assert resolve_backend("triton", T).name in ("embedding_bag", "cpu")
+        resolve_backend("triton", T)
+    notes = [r for r in caplog.records if "'triton' kernel unavailable" in r.getMessage()]
+    assert len(notes) == 1
+
+
+def test_unknown_backend_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        MemoryLayer(16, 8, tau=4, backend="fast")
+    with pytest.raises(ValueError, match="dtype"):
+        MemoryLayer(16, 8, tau=4).to_inference("int4")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_compile_fullgraph_aot_eager(backend):
+    """No graph breaks inside the layer: the op has fake and autograd registrations."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MemoryLayer(32, 16, tau=4, backend=backend)
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    gx, gt = torch.autograd.grad(y.square().sum(), [x, layer.tables])
+    ref = MemoryLayer.forward(layer, x)
+    rx, rt = torch.autograd.grad(ref.square().sum(), [x, layer.tables])
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gt, rt)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MemoryLayer(32, 16, tau=4, backend="cpu")
+    x = torch.randn(5, 32, requires_grad=True)
+    y = torch.compile(layer, fullgraph=True)(x)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    ref = MemoryLayer.forward(layer, x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, torch.autograd.grad(ref.sum(), [x])[0], rtol=1e-5, atol=1e-6)
