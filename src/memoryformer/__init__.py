@@ -8,7 +8,7 @@
 
 from memoryformer.checkpoint import load_model as load, save_model
 from memoryformer.config import ConfigError, MemoryFormerError, ModelConfig, get_config, preset_names
-from memoryformer.layers import MemoryBlock, MemoryLayer
+from memoryformer.layers import MemoryBlock, MemoryLayer, to_inference
 from memoryformer.model import MemoryFormer, Transformer, build_model
 
 __version__ = "0.1.0"
@@ -25,5 +25,6 @@ __all__ = [
     "get_config",
     "load",
     "save_model",
+    "to_inference",
     "preset_names",
 ]
