@@ -1,0 +1,411 @@
+"""Training data: the bundled GPT-NeoX-20B tokenizer, text readers, a token cache, and random-window batches.
+
+- Sources: the bundled Gutenberg sample (`"sample"`, the default), an xz/gzip/plain JSON Lines file (one document per
+  line, text in `"text"`), a `.txt` file (one document), a folder of such files, a glob, or `hf:NAME[:CONFIG]` for a
+  Hugging Face dataset (optional extra `memoryformer[hf]`).
+- Splits: in a folder, files named `*.val.*` / `*valid*` / `*validation*` / `*dev*` are validation and `*test*` files
+  are skipped; everything else is training text. With no validation file (or a single file), the last
+  `val_fraction` of the token stream, starting at a document boundary, is held out.
+- Tokens are written once to a flat uint16 file (`<|endoftext|>` after every document) under the cache directory
+  (`$MEMORYFORMER_CACHE`, default `~/.cache/memoryformer`), keyed by a hash of the inputs (path, size, mtime) and of
+  the tokenizer, and read back as a memory map.
+- `WindowSampler` draws training windows of `seq_len + 1` tokens at uniformly random offsets from a seeded
+  generator whose state is the data position saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob as globlib
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from memoryformer.config import MemoryFormerError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_FILE = ASSETS / "tokenizer.json"
+SAMPLE = "sample"  # the name that selects the bundled sample as data
+SAMPLE_FILES = {"train": ASSETS / "sample.train.jsonl.xz", "val": ASSETS / "sample.val.jsonl.xz"}
+EOT_ID = 0  # <|endoftext|> in the GPT-NeoX-20B vocabulary
+CACHE_FORMAT = 1  # bump when the cached token layout changes
+TEXT_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz", ".txt", ".txt.xz", ".txt.gz")
+_VAL_WORDS = {"val", "valid", "validation", "dev"}
+_TEST_WORDS = {"test"}
+
+
+class DataError(MemoryFormerError):
+    """A data source is missing, empty, unreadable or too short."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer():
+    """The bundled GPT-NeoX-20B `tokenizers.Tokenizer` (50,277 tokens; id 0 = <|endoftext|>)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(TOKENIZER_FILE))
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer_hash() -> str:
+    return hashlib.sha256(TOKENIZER_FILE.read_bytes()).hexdigest()
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of `text` (no special tokens added)."""
+    return get_tokenizer().encode(text, add_special_tokens=False).ids
+
+
+def decode(ids) -> str:
+    return get_tokenizer().decode(list(ids), skip_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources and splits
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MEMORYFORMER_CACHE") or Path.home() / ".cache" / "memoryformer")
+
+
+def _split_of(path: Path) -> str:
+    words = set(re.split(r"[._\-\s]+", path.name.lower()))
+    if words & _VAL_WORDS:
+        return "val"
+    if words & _TEST_WORDS:
+        return "test"
+    return "train"
+
+
+def _is_text_file(path: Path) -> bool:
+    return path.name.lower().endswith(TEXT_SUFFIXES)
+
+
+def _expand(data: str) -> list[Path]:
+    """Files named by `data` (a file, a folder searched recursively, or a glob), sorted."""
+    if any(ch in data for ch in "*?["):
+        files = [Path(p) for p in sorted(globlib.glob(os.path.expanduser(data), recursive=True))]
+        files = [p for p in files if p.is_file() and _is_text_file(p)]
+        if not files:
+            raise DataError(f"{data}: the pattern matches no {'/'.join(TEXT_SUFFIXES)} file")
+        return files
+    path = Path(os.path.expanduser(data))
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_text_file(p))
+        if not files:
+            raise DataError(f"{path}: folder holds no {'/'.join(TEXT_SUFFIXES)} file")
+        return files
+    if path.is_file():
+        if not _is_text_file(path):
+            raise DataError(f"{path}: unsupported file type (expected one of {', '.join(TEXT_SUFFIXES)})")
+        return [path]
+    raise DataError(f"{path}: no such file or folder")
+
+
+@dataclass
+class Split:
+    """Where one split's tokens come from: whole sources, or a slice of a held-out stream."""
+
+    sources: list[str]  # file paths, or one "hf:..." spec
+    hf_split: str | None = None
+    part: str = "all"  # "all", or "head"/"tail" of the stream when val is held out of train
+
+
+def plan_splits(data: str | None, val_data: str | None = None) -> dict[str, Split]:
+    """{"train": Split, "val": Split} for a data spec (see module docstring)."""
+    data = data or SAMPLE
+    if data == SAMPLE:
+        train = Split([str(SAMPLE_FILES["train"])])
+        val = Split([str(SAMPLE_FILES["val"])])
+    elif data.startswith("hf:"):
+        train, val = Split([data], "train"), Split([data], "validation")
+    else:
+        files = _expand(data)
+        by = {"train": [], "val": [], "test": []}
+        for f in files:
+            by[_split_of(f) if len(files) > 1 or Path(data).is_dir() else "train"].append(str(f))
+        if not by["train"]:
+            raise DataError(f"{data}: no training files (all files are named as val/test splits)")
+        train = Split(by["train"])
+        val = Split(by["val"]) if by["val"] else Split(by["train"], part="tail")
+        if not by["val"]:
+            train = Split(by["train"], part="head")
+    if val_data:
+        if val_data == SAMPLE:
+            val = Split([str(SAMPLE_FILES["val"])])
+        elif val_data.startswith("hf:"):
+            val = Split([val_data], "validation")
+        else:
+            val = Split([str(f) for f in _expand(val_data)])
+        if train.part == "head":
+            train = Split(train.sources)
+    return {"train": train, "val": val}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers: each yields document strings and turns every decoding failure into a DataError naming the file.
+
+
+def _open_text(path: Path):
+    name = path.name.lower()
+    if name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_documents(path: str | os.PathLike) -> Iterator[str]:
+    """Documents of one file: each JSON Lines record's "text", or the whole of a .txt file."""
+    path = Path(path)
+    is_jsonl = ".jsonl" in path.name.lower()
+    try:
+        with _open_text(path) as f:
+            if not is_jsonl:
+                text = f.read()
+                if text.strip():
+                    yield text
+                return
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise DataError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
+                if rec["text"]:
+                    yield rec["text"]
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a file") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start} of a decoded chunk)") from None
+    except (lzma.LZMAError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: corrupt compressed file ({e})") from None
+    except EOFError:
+        raise DataError(f"{path}: truncated compressed file") from None
+
+
+def _hf_documents(spec: str, split: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: Hugging Face datasets need the optional extra: pip install 'memoryformer[hf]'") from None
+    name, _, config = spec[3:].partition(":")
+    splits = [split] if split != "validation" else ["validation", "valid", "val", "test"]
+    for s in splits:
+        try:
+            ds = datasets.load_dataset(name, config or None, split=s)
+        except ValueError:
+            continue  # no such split; try the next name
+        except Exception as e:  # network, missing dataset, ... : one line naming the source
+            raise DataError(f"{spec}: cannot load split {s!r} ({type(e).__name__}: {e})") from None
+        if "text" not in ds.column_names:
+            raise DataError(f"{spec}: dataset has no 'text' column (columns: {', '.join(ds.column_names)})")
+        for rec in ds:
+            if rec["text"]:
+                yield rec["text"]
+        return
+    raise DataError(f"{spec}: dataset has no {split!r} split")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token cache
+
+
+def _source_key(split: Split) -> dict:
+    items = []
+    for s in split.sources:
+        if s.startswith("hf:"):
+            items.append([s, split.hf_split])
+        else:
+            st = Path(s).stat()
+            items.append([str(Path(s).resolve()), st.st_size, st.st_mtime_ns])
+    return {"format": CACHE_FORMAT, "tokenizer": tokenizer_hash(), "sources": items}
+
+
+def _tokenize_to(split: Split, out_path: Path, progress: bool) -> tuple[int, int]:
+    """Write the uint16 token stream of `split` (ignoring its `part`) to `out_path`; returns (tokens, documents)."""
+    tok = get_tokenizer()
+    if tok.get_vocab_size() > 65535:
+        raise DataError(f"{TOKENIZER_FILE}: vocabulary of {tok.get_vocab_size()} does not fit uint16 tokens")
+    n_tokens = n_docs = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="tokenizing", unit=" docs", leave=False, dynamic_ncols=True)
+    with open(out_path, "wb") as f:
+        for src in split.sources:
+            docs = _hf_documents(src, split.hf_split or "train") if src.startswith("hf:") else read_documents(src)
+            src_tokens, batch = 0, []
+
+            def flush():
+                nonlocal n_tokens, n_docs, src_tokens
+                for enc in tok.encode_batch(batch, add_special_tokens=False):
+                    ids = np.asarray(enc.ids, dtype=np.uint16)
+                    ids.tofile(f)
+                    np.asarray([EOT_ID], dtype=np.uint16).tofile(f)
+                    n_tokens += ids.size + 1
+                    src_tokens += ids.size
+                    n_docs += 1
+                if bar is not None:
+                    bar.update(len(batch))
+                batch.clear()
+
+            chars = 0
+            for doc in docs:
+                batch.append(doc)
+                chars += len(doc)
+                if chars > 4_000_000 or len(batch) >= 256:  # bounded memory, still parallel inside tokenizers
+                    flush()
+                    chars = 0
+            if batch:
+                flush()
+            if src_tokens == 0:
+                raise DataError(f"{src}: no text found")
+    if bar is not None:
+        bar.close()
+    return n_tokens, n_docs
+
+
+def _cached_stream(split: Split, cache_dir: str | os.PathLike | None, progress: bool) -> np.ndarray:
+    """The whole token stream of `split.sources` as a read-only uint16 memmap, tokenizing on first use."""
+    key_obj = _source_key(split)
+    key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()[:24]
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{root}: cannot create the token cache folder ({e.strerror})") from None
+    bin_path, meta_path = root / f"tokens-{key}.bin", root / f"tokens-{key}.json"
+    if meta_path.is_file() and bin_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if bin_path.stat().st_size == 2 * meta["n_tokens"] and meta["n_tokens"] > 0:
+                return np.memmap(bin_path, dtype=np.uint16, mode="r")
+        except (OSError, ValueError, KeyError):
+            pass  # damaged cache entry: rebuild it below
+    tmp_bin = root / f".tokens-{key}.{os.getpid()}.bin.tmp"
+    try:
+        n_tokens, n_docs = _tokenize_to(split, tmp_bin, progress)
+        os.replace(tmp_bin, bin_path)
+    finally:
+        if tmp_bin.exists():
+            tmp_bin.unlink()
+    tmp_meta = root / f".tokens-{key}.{os.getpid()}.json.tmp"
+    tmp_meta.write_text(json.dumps({**key_obj, "n_tokens": n_tokens, "n_docs": n_docs}, indent=1))
+    os.replace(tmp_meta, meta_path)  # the metadata file marks the entry complete
+    return np.memmap(bin_path, dtype=np.uint16, mode="r")
+
+
+def _tail_start(stream: np.ndarray, fraction: float) -> int:
+    """Index where the held-out tail starts: about `fraction` of the stream, moved to a document start."""
+    n = len(stream)
+    cut = n - max(1, int(round(n * fraction)))
+    eots = np.flatnonzero(np.asarray(stream[cut:]) == EOT_ID)
+    if len(eots) and cut + eots[0] + 1 < n - 1:
+        return int(cut + eots[0] + 1)
+    return cut
+
+
+def load_tokens(
+    data: str | None = None,
+    split: str = "train",
+    *,
+    val_data: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    val_fraction: float = 0.01,
+    progress: bool = False,
+) -> np.ndarray:
+    """Token ids (uint16, 1-D memmap) of one split ("train" or "val") of a data source; tokenizes on first use."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+    s = plan_splits(data, val_data)[split]
+    stream = _cached_stream(s, cache_dir, progress)
+    if s.part == "all":
+        return stream
+    cut = _tail_start(stream, val_fraction)
+    return stream[:cut] if s.part == "head" else stream[cut:]
+
+
+def val_tokens(data: str | None = None, *, val_data: str | None = None, cache_dir=None, **kw) -> np.ndarray:
+    """The validation token stream of a data source (the bundled sample's val books by default)."""
+    return load_tokens(data, "val", val_data=val_data, cache_dir=cache_dir, **kw)
+
+
+def describe(data: str | None, val_data: str | None = None) -> dict:
+    """Which files feed each split (for logs and reports)."""
+    plan = plan_splits(data, val_data)
+    return {k: {"sources": v.sources, "part": v.part} for k, v in plan.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+class WindowSampler:
+    """Uniformly random window offsets from a seeded PCG64 generator; `state_dict()` is the exact data position."""
+
+    def __init__(self, n_tokens: int, window: int, seed: int):
+        if n_tokens < window:
+            raise DataError(f"data: {n_tokens} tokens is shorter than one window of {window} (seq_len + 1)")
+        self.n_tokens, self.window = n_tokens, window
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.draws = 0
+
+    def next(self, count: int) -> np.ndarray:
+        """(count,) int64 start offsets in [0, n_tokens - window]."""
+        self.draws += 1
+        return self.rng.integers(0, self.n_tokens - self.window + 1, size=count, dtype=np.int64)
+
+    def state_dict(self) -> dict:
+        return {"bit_generator": self.rng.bit_generator.state, "draws": self.draws, "n_tokens": self.n_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n_tokens") != self.n_tokens:
+            raise DataError(
+                f"data: the checkpoint was trained on a stream of {state.get('n_tokens')} tokens, this data has "
+                f"{self.n_tokens}; resume with the same --data"
+            )
+        self.rng.bit_generator.state = state["bit_generator"]
+        self.draws = state["draws"]
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
+    """(len(starts), length) int64 tensor of tokens[s : s + length] for each start."""
+    return torch.from_numpy(np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts]))
+
+
+def eval_starts(n_tokens: int, seq_len: int, max_tokens: int) -> np.ndarray:
+    """Fixed start offsets of non-overlapping validation windows (seq_len + 1 tokens), spread over the stream.
+
+    At most `max_tokens // seq_len` windows; consecutive when the stream is short, else evenly spaced so that the
+    estimate covers every part (every book) of the validation text.
+    """
+    fit = (n_tokens - 1) // seq_len
+    if fit < 1:
+        raise DataError(f"validation data: {n_tokens} tokens is shorter than one window of {seq_len + 1}")
+    n = max(1, min(fit, max_tokens // seq_len))
+    if n == fit:
+        return np.arange(n, dtype=np.int64) * seq_len
+    return np.linspace(0, n_tokens - seq_len - 1, n).astype(np.int64)
