@@ -38,3 +38,16 @@ def test_stops_at_eos_and_rejects_bad_arguments():
     assert out.shape == (1, 5)
     with pytest.raises(ValueError, match="top_p"):
         generate(m, idx, 2, top_p=0)
+
+
+def test_cli_generate(tmp_path, capsys):
+    from memoryformer.cli import main
+
+    torch.manual_seed(0)
+    mf.save_model(mf.MemoryFormer(mf.get_config("micro", n_layer=1, d_model=32, n_head=2, tau=4)), tmp_path / "ck")
+    main(["generate", "--checkpoint", str(tmp_path / "ck"), "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert out.startswith("Hello") and len(out.strip()) > len("Hello")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x"])
+    assert e.value.code == 2 and "not a checkpoint directory" in capsys.readouterr().err

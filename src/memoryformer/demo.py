@@ -17,6 +17,7 @@ import torch
 from memoryformer import data as data_mod
 from memoryformer.config import DENSE_CONTROL, ConfigError, get_config
 from memoryformer.flops import forward_flops_per_token
+from memoryformer.generate import generate
 from memoryformer.model import build_model
 from memoryformer.train import TrainConfig, default_lr, resume_config, train
 
@@ -47,16 +48,11 @@ def _seconds_per_token(cfg, tokens, batch_size: int, seq_len: int, device: torch
 @torch.no_grad()
 def sample_text(model, prompt: str, n_tokens: int = 40, temperature: float = 0.8, seed: int = 0) -> str:
     """A continuation of `prompt` sampled token by token (no KV cache: fine for a few dozen tokens)."""
-    gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     ids = torch.tensor([data_mod.encode(prompt)], device=device)  # (1, T)
     start = ids.shape[1]
     model.eval()
-    for _ in range(n_tokens):
-        logits, _ = model(ids[:, -model.config.max_seq_len :])
-        probs = torch.softmax(logits[0, -1].float() / temperature, dim=-1).cpu()
-        nxt = torch.multinomial(probs, 1, generator=gen).to(device)
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    ids = generate(model, ids, n_tokens, temperature=temperature, generator=torch.Generator().manual_seed(seed))
     return data_mod.decode(ids[0, start:].tolist())
 
 

@@ -46,7 +46,10 @@ def generate(
                 cum = sorted_logits.softmax(-1).cumsum(-1)
                 drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
                 logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-            nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)  # (B, 1)
+            probs = F.softmax(logits, -1)
+            if generator is not None and generator.device != probs.device:
+                probs = probs.to(generator.device)  # sample where the generator lives, so seeds mean the same
+            nxt = torch.multinomial(probs, 1, generator=generator).to(idx.device)  # (B, 1)
         if eos_token is not None:
             nxt = nxt.masked_fill(done[:, None], eos_token)
             done |= nxt[:, 0] == eos_token
