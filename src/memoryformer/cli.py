@@ -26,6 +26,54 @@ def cmd_flops(args: argparse.Namespace) -> None:
             print(f"\nFigure 1 written to {args.plot}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from memoryformer import train
+
+    train.main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from memoryformer import demo
+
+    demo.main(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from memoryformer import evaluate
+
+    evaluate.main(args)
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from memoryformer import ablate
+
+    ablate.main(args)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from memoryformer import analyze
+
+    analyze.main(args)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from memoryformer.checkpoint import load_model
+    from memoryformer.data import decode, encode, get_tokenizer
+    from memoryformer.generate import generate
+
+    model = load_model(args.checkpoint, device=args.device)
+    eos = get_tokenizer().token_to_id("<|endoftext|>")
+    idx = torch.tensor([encode(args.prompt)], device=args.device)
+    try:
+        out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_token=eos, generator=torch.Generator().manual_seed(args.seed))
+    except ValueError as e:
+        raise MemoryFormerError(str(e)) from None
+    print(args.prompt + decode(out[0, idx.shape[1]:].tolist()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memoryformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -35,6 +83,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH", help="write Figure 1 as a PNG")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence for Table 1 (default 2048)")
     p.set_defaults(func=cmd_flops)
+
+    from memoryformer import demo, train
+
+    p = sub.add_parser("train", help="train a model on text (the paper's recipe; torchrun for several processes)")
+    train.add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="train micro MemoryFormer and its dense control on the bundled text and compare")
+    demo.add_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+    from memoryformer import ablate, analyze, evaluate
+
+    p = sub.add_parser("eval", help="zero-shot benchmarks (lm-eval prompts and metrics) and perplexity of a checkpoint")
+    evaluate.add_arguments(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("ablate", help="the paper's ablations (Tables 3-6, weighting): train each variant, tabulate")
+    ablate.add_arguments(p)
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("analyze", help="bucket usage of the Memory Layers (Figure 4): histograms, unused rows, entropy")
+    analyze.add_arguments(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("generate", help="sample a continuation of a prompt from a checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run folder")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

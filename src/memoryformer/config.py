@@ -22,6 +22,7 @@ class ConfigError(MemoryFormerError, ValueError):
 ARCHS = ("memoryformer", "transformer")
 WEIGHTINGS = ("code", "paper")
 BLOCK_ACTIVATIONS = (None, "gelu")
+ATTENTIONS = ("softmax", "linformer", "cosformer", "performer")
 
 
 @dataclass
@@ -46,6 +47,9 @@ class ModelConfig:
     rotary_base: float = 10000.0
     ffn_mult: int = 4  # dense control only: FFN width = ffn_mult * d_model
     memory_bias: bool = True  # learned bias on every Memory Layer (as in the authors' code)
+    attention: str = "softmax"  # dense control only: "linformer" | "cosformer" | "performer" (Table 2 baselines)
+    linformer_k: int = 64  # Linformer: compressed key/value rows per max_seq_len window (blocks of max_seq_len / k)
+    performer_features: int = 128  # Performer: random features per head
 
     def __post_init__(self):
         def fail(name, msg):
@@ -87,6 +91,14 @@ class ModelConfig:
         want_float("rotary_base", 0.0, open_lo=True)
         if not isinstance(self.memory_bias, bool):
             fail("memory_bias", "expected true or false")
+        if self.attention not in ATTENTIONS:
+            fail("attention", f"expected one of {ATTENTIONS}")
+        if self.attention != "softmax" and self.arch != "transformer":
+            fail("attention", "only the dense control (arch='transformer') takes an efficient attention")
+        want_int("linformer_k", 1)
+        want_int("performer_features", 1)
+        if self.attention == "linformer" and self.max_seq_len % self.linformer_k:
+            fail("linformer_k", f"expected a divisor of max_seq_len={self.max_seq_len} (blocks of max_seq_len / k)")
         if self.d_model % self.n_head:
             fail("n_head", f"expected a divisor of d_model={self.d_model}")
         if self.arch == "memoryformer":

@@ -28,6 +28,14 @@ PAPER_MISMATCH = {
     "mf-small": "the paper prints 1.0 G / 7.4 G, but its own formula 6Ksd (K=96, d=768, s=2048) gives 0.91 G / 7.35 G; "
     "we print the formula's value",
 }
+# Table 2 rows: (our name, attention of the dense Pythia-410M control, paper's "FLOPs" per block), in units of 1e9.
+# The paper gives neither Linformer's k nor Performer's feature count; ours are the config defaults.
+TABLE2 = [
+    ("pythia-410m", "softmax", 34.4),
+    ("linformer", "linformer", 26.1),
+    ("cosformer", "cosformer", 30.0),
+    ("performer", "performer", 26.7),
+]
 FIGURE1_D = list(range(512, 3072 + 1, 512))
 FIGURE1_S = (1024, 2048)
 
@@ -35,6 +43,45 @@ FIGURE1_S = (1024, 2048)
 def attention_flops(d: int, s: int) -> int:
     """QK^T and AV for one block: 2 s^2 d."""
     return 2 * s * s * d
+
+
+def attention_variant_flops(cfg: ModelConfig, s: int) -> int:
+    """Multiply-accumulates of the attention itself (no Q/K/V/O projections) for s tokens of one block.
+
+    Counted like the paper's softmax 2 s^2 d (full score matrix, masking not subtracted); element-wise work
+    (exp, ReLU, cos/sin re-weighting) is left out as softmax and norms are.
+    - softmax:   2 s^2 d
+    - linformer: 2 s d (compress keys and values) + 2 s (n_blocks + c) d, c = max_seq_len / k tokens per block,
+                 n_blocks = ceil(s / c) compressed rows (k at s = max_seq_len) plus the query's own block
+    - cosformer: 4 s d hd (prefix-sum state and read-out with 2 hd cos/sin features) + 4 s d (normaliser)
+    - performer: 2 s m d (features of q and k) + 2 s m d (state and read-out) + 2 s m n_head (normaliser)
+    """
+    d, h, hd = cfg.d_model, cfg.n_head, cfg.head_dim
+    att = getattr(cfg, "attention", "softmax")
+    if att == "softmax":
+        return attention_flops(d, s)
+    if att == "linformer":
+        c = cfg.max_seq_len // cfg.linformer_k
+        return 2 * s * d + 2 * s * (-(-s // c) + c) * d
+    if att == "cosformer":
+        return 4 * s * d * hd + 4 * s * d
+    if att == "performer":
+        m = cfg.performer_features
+        return 4 * s * m * d + 2 * s * m * h
+    raise ValueError(f"attention: unknown {att!r}")
+
+
+def table2(s: int = PAPER_SEQ_LEN) -> list[dict]:
+    """Table 2: total FLOPs per block of Pythia-410M with each attention (ours: exact count of our layers)."""
+    rows = []
+    for model, att, paper_total in TABLE2:
+        cfg = get_config("pythia-410m", attention=att)
+        costs = layer_flops(cfg, s)
+        rows.append(dict(model=model, attention=att, flops_attention=attention_variant_flops(cfg, s),
+                         flops_total=sum(c.flops for c in costs), paper_flops_total=paper_total * 1e9,
+                         linformer_k=cfg.linformer_k if att == "linformer" else None,
+                         performer_features=cfg.performer_features if att == "performer" else None))
+    return rows
 
 
 def paper_block_flops(arch: str, d: int, s: int = PAPER_SEQ_LEN, tau: int = 8) -> dict[str, int]:
@@ -93,7 +140,12 @@ def layer_flops(cfg: ModelConfig, s: int = PAPER_SEQ_LEN) -> list[LayerCost]:
     else:
         f = cfg.ffn_mult * d
         out.append(LayerCost("qkv (dense)", s * d * 3 * d, 0, 3 * d * d + 3 * d))
-        out.append(LayerCost("attention (QK^T, AV)", attention_flops(d, s), 0, 0))
+        att = getattr(cfg, "attention", "softmax")
+        if att == "softmax":
+            out.append(LayerCost("attention (QK^T, AV)", attention_flops(d, s), 0, 0))
+        else:
+            extra = 2 * cfg.linformer_k * (cfg.max_seq_len // cfg.linformer_k) if att == "linformer" else 0
+            out.append(LayerCost(f"attention ({att})", attention_variant_flops(cfg, s), 0, extra))
         out.append(LayerCost("proj (dense)", s * d * d, 0, d * d + d))
         out.append(LayerCost("mlp.fc (dense)", s * d * f, 0, d * f + f))
         out.append(LayerCost("mlp.proj (dense)", s * f * d, 0, f * d + d))
@@ -131,6 +183,14 @@ def report(s: int = PAPER_SEQ_LEN) -> str:
         )
     for model, why in PAPER_MISMATCH.items():
         lines.append(f"* {model}: {why}.")
+    lines += ["", f"Table 2 — Pythia-410M with efficient attention, FLOPs per block (s = {s}; our exact count)", ""]
+    lines.append(f"{'model':<12} {'attention':>10} {'total':>10} {'paper':>8}  key setting")
+    for r in table2(s):
+        key = (f"k = {r['linformer_k']}" if r["linformer_k"] else f"m = {r['performer_features']} features"
+               if r["performer_features"] else "M = max_seq_len" if r["attention"] == "cosformer" else "")
+        lines.append(f"{r['model']:<12} {_g(r['flops_attention']):>10} {_g(r['flops_total']):>10} "
+                     f"{r['paper_flops_total'] / 1e9:>6.1f} G  {key}")
+    lines.append("The paper gives no k / m and no counting rule for these; see attention_variant_flops.")
     lines += ["", f"Exact per-layer count of one block (s = {s}) and memory tables of the whole model", ""]
     for name in ("micro", "tiny", "small", "base", "micro-dense", "pythia-70m", "pythia-160m", "pythia-410m"):
         cfg = get_config(name)

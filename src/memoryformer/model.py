@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memoryformer.attention import build_attention
 from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.layers import MemoryBlock, MemoryLayer, small_init_std
 
@@ -222,9 +223,13 @@ class DenseAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.rotary = rotary
+        # Table 2 baselines (memoryformer.attention); softmax keeps the plain path and its checkpoint keys
+        self.core = None if cfg.attention == "softmax" else build_attention(cfg, rotary)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
-        return self.proj(causal_attention(self.qkv(x), self.n_head, self.rotary))
+        qkv = self.qkv(x)  # (B, T, 3d)
+        y = causal_attention(qkv, self.n_head, self.rotary) if self.core is None else self.core(qkv)
+        return self.proj(y)
 
 
 class DenseMLP(nn.Module):
@@ -264,6 +269,8 @@ class Transformer(_LanguageModel):
             for lin, std in ((block.attn.qkv, small), (block.attn.proj, wang), (block.mlp.fc, small), (block.mlp.proj, wang)):
                 nn.init.normal_(lin.weight, std=std)
                 nn.init.zeros_(lin.bias)
+            if block.attn.core is not None:
+                block.attn.core.reset_parameters()
 
 
 def build_model(cfg: ModelConfig) -> _LanguageModel:

@@ -1,0 +1,208 @@
+"""Bucket usage of the Memory Layers (paper Figure 4, spec §11.9): which table rows the tokens of a text hit.
+
+For every block and every Memory Layer — the fused Q/K/V layer (`attn.qkv`: Q, K and V share one hash, so one set of
+histograms covers all three), the Memory Block's `mlp.l1` (tau bits) and `mlp.l2` (tau + expand_bits bits) — a
+forward pre-hook hashes the layer's input and counts hits per row of each of its K tables, over `n_tokens` tokens of
+validation text. Per table it reports:
+- `unused`: the fraction of rows never hit (such rows never receive a gradient, paper Eq. 12);
+- `entropy`: the hit distribution's entropy divided by log(rows) (1 = uniform, 0 = one row takes every token);
+- `max_over_mean`: hits of the busiest row over the uniform mean (the Figure-4 y-axis peaks, in those units).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memoryformer.config import MemoryFormerError
+
+
+def memory_layers(model) -> dict[str, torch.nn.Module]:
+    """{"block{i}.qkv" | ".l1" | ".l2": MemoryLayer} in forward order."""
+    from memoryformer.layers import MemoryLayer
+
+    out = {}
+    for i, block in enumerate(getattr(model, "blocks", [])):
+        for name, mod in (("qkv", getattr(block.attn, "qkv", None)), ("l1", getattr(block.mlp, "l1", None)),
+                          ("l2", getattr(block.mlp, "l2", None))):
+            if isinstance(mod, MemoryLayer):
+                out[f"block{i}.{name}"] = mod
+    return out
+
+
+def table_stats(counts: np.ndarray) -> dict:
+    """counts (K, rows) int -> per-table lists and their means."""
+    K, rows = counts.shape
+    total = counts.sum(1, keepdims=True).clip(min=1)
+    p = counts / total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -(np.where(p > 0, p * np.log(p), 0.0)).sum(1) / math.log(rows)
+    unused = (counts == 0).mean(1)
+    peak = counts.max(1) / (total[:, 0] / rows)
+    return {
+        "rows": rows, "tables": K,
+        "unused": [round(float(x), 5) for x in unused],
+        "entropy": [round(float(x), 5) for x in ent],
+        "max_over_mean": [round(float(x), 3) for x in peak],
+        "mean_unused": round(float(unused.mean()), 5),
+        "mean_entropy": round(float(ent.mean()), 5),
+        "mean_max_over_mean": round(float(peak.mean()), 3),
+    }
+
+
+@torch.inference_mode()
+def bucket_counts(model, tokens, *, n_tokens: int = 262_144, seq_len: int | None = None, batch_size: int = 8,
+                  device: str | torch.device | None = None, progress: bool = True) -> tuple[dict[str, np.ndarray], int]:
+    """Hit counts {layer: (K, 2**tau) int64} over about `n_tokens` tokens of the 1-D token array `tokens`
+    (non-overlapping windows of `seq_len`, spread evenly over the text); returns (counts, tokens seen)."""
+    from tqdm.auto import tqdm
+
+    from memoryformer.data import eval_starts
+
+    layers = memory_layers(model)
+    if not layers:
+        raise MemoryFormerError("analyze: this model has no Memory Layers (a dense control has no buckets)")
+    seq_len = seq_len or model.config.max_seq_len
+    device = device or next(model.parameters()).device
+    counts = {name: torch.zeros(m.n_tables, 2**m.tau, dtype=torch.int64) for name, m in layers.items()}
+
+    def hook(name, layer):
+        def pre(_mod, args):
+            codes, _ = layer.hash(args[0])  # (..., K)
+            codes = codes.reshape(-1, layer.n_tables).cpu()
+            flat = codes + torch.arange(layer.n_tables)[None, :] * 2**layer.tau
+            counts[name] += torch.bincount(flat.flatten(), minlength=layer.n_tables * 2**layer.tau).view_as(counts[name])
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(name, m)) for name, m in layers.items()]
+    starts = eval_starts(len(tokens), seq_len, n_tokens)
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for j in tqdm(range(0, len(starts), batch_size), desc="buckets", unit="batch", disable=not progress, leave=False):
+            idx = torch.from_numpy(np.stack([np.asarray(tokens[s : s + seq_len], dtype=np.int64)
+                                             for s in starts[j : j + batch_size]]))
+            model(idx.to(device))
+            seen += idx.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {k: v.numpy() for k, v in counts.items()}, seen
+
+
+def summarize(counts: dict[str, np.ndarray], tokens: int) -> dict:
+    layers = {name: table_stats(c) for name, c in counts.items()}
+    by_kind: dict[str, dict] = {}
+    for kind in ("qkv", "l1", "l2"):
+        rows = [v for k, v in layers.items() if k.endswith("." + kind)]
+        if rows:
+            by_kind[kind] = {m: round(float(np.mean([r[m] for r in rows])), 5)
+                             for m in ("mean_unused", "mean_entropy", "mean_max_over_mean")}
+    return {"tokens": tokens, "note": "qkv: one shared hash for Q, K and V", "by_kind": by_kind, "layers": layers}
+
+
+def plot_buckets(counts: dict[str, np.ndarray], path: str | os.PathLike, title: str = "") -> None:
+    """Figure-4-style grid: one row per block; columns = first and last table of qkv, l1, l2 (hits per row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = sorted({int(k.split(".")[0][5:]) for k in counts})
+    kinds = [k for k in ("qkv", "l1", "l2") if f"block{blocks[0]}.{k}" in counts]
+    cols = [(k, t) for k in kinds for t in (0, -1)]
+    fig, axes = plt.subplots(len(blocks), len(cols), figsize=(2.6 * len(cols), 1.9 * len(blocks)), dpi=110,
+                             squeeze=False)
+    for r, b in enumerate(blocks):
+        for c, (kind, t) in enumerate(cols):
+            hits = counts[f"block{b}.{kind}"][t]
+            ax = axes[r][c]
+            ax.bar(np.arange(len(hits)), hits, width=1.0, color="tab:blue" if kind == "qkv" else "tab:orange"
+                   if kind == "l1" else "tab:green")
+            ax.axhline(hits.sum() / len(hits), color="k", lw=0.6, ls="--")  # uniform
+            K = counts[f"block{b}.{kind}"].shape[0]
+            ax.set_title(f"block {b} {kind} table {t % K + 1}/{K}", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.set_xlim(0, len(hits))
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def analyze_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: str | None = None,
+                       n_tokens: int = 262_144, batch_size: int = 8, device: str = "cpu", progress: bool = True) -> dict:
+    """Load a checkpoint, count bucket hits over validation text (`data` as `memoryformer train --data`; default: the
+    bundled sample's validation books) and write OUT/buckets.json, OUT/buckets.png and OUT/bucket_counts.npz."""
+    from memoryformer import data as data_mod
+    from memoryformer.checkpoint import load_model
+
+    model = load_model(checkpoint, device=device)
+    if not memory_layers(model):
+        raise MemoryFormerError(f"{checkpoint}: a {model.config.arch} model has no Memory Layers to analyse")
+    if n_tokens < 1:
+        raise MemoryFormerError(f"tokens: expected a positive number, got {n_tokens}")
+    tokens = data_mod.val_tokens(data)
+    counts, seen = bucket_counts(model, tokens, n_tokens=n_tokens, batch_size=batch_size, device=device,
+                                 progress=progress)
+    summary = summarize(counts, seen)
+    summary["checkpoint"] = str(checkpoint)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "buckets.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    np.savez_compressed(out / "bucket_counts.npz", **counts)
+    ck = Path(checkpoint).resolve()
+    name = ck.parent.name if ck.name == "final" else ck.name  # runs/<name>/final
+    plot_buckets(counts, out / "buckets.png", title=f"{name}: bucket hits over {seen:,} tokens")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"bucket usage over {summary['tokens']:,} tokens (qkv: one shared hash for Q, K and V)",
+             f"{'layer':<12}{'rows':>6}{'unused':>9}{'entropy':>9}{'max/mean':>10}"]
+    for name, s in summary["layers"].items():
+        lines.append(f"{name:<12}{s['rows']:>6}{s['mean_unused']:>9.3f}{s['mean_entropy']:>9.3f}{s['mean_max_over_mean']:>10.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: `memoryformer analyze`
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", action="append",
+                   help="checkpoint folder (repeat to analyse several; each gets OUT/<folder name>/)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where buckets.json, buckets.png, bucket_counts.npz go")
+    p.add_argument("--data", metavar="SOURCE", help="text whose validation split is hashed (as train --data; "
+                                                    "default: the bundled sample's validation books)")
+    p.add_argument("--tokens", type=int, default=262_144, help="tokens to hash (default 262144)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args) -> list[dict]:
+    results = []
+    many = len(args.checkpoint) > 1
+    for ck in args.checkpoint:
+        out = Path(args.out) / Path(ck).resolve().name if many else Path(args.out)
+        if many and Path(ck).resolve().name == "final":  # runs/<name>/final -> OUT/<name>
+            out = Path(args.out) / Path(ck).resolve().parent.name
+        s = analyze_checkpoint(ck, out, data=args.data, n_tokens=args.tokens, batch_size=args.batch_size,
+                               device=args.device, progress=not args.no_progress)
+        results.append(s)
+        if args.json:
+            print(json.dumps({"checkpoint": ck, "by_kind": s["by_kind"], "tokens": s["tokens"]}))
+        else:
+            print(f"{ck} -> {out}")
+            print(format_summary(s))
+    return results
