@@ -19,6 +19,17 @@ class ConfigError(MemoryFormerError, ValueError):
     """A configuration field holds a value outside what it accepts."""
 
 
+def dataclass_from_dict(cls, data, *, source: str, what: str):
+    """`cls(**data)`, refusing anything but a mapping of `cls`'s fields with an error that names the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of {what} fields, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown {what} key {unknown[0]!r} (valid keys: {', '.join(sorted(known))})")
+    return cls(**data)
+
+
 ARCHS = ("memoryformer", "transformer")
 WEIGHTINGS = ("code", "paper")
 BLOCK_ACTIVATIONS = (None, "gelu")
@@ -133,13 +144,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "config") -> "ModelConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of config fields, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown config key {unknown[0]!r} (valid keys: {', '.join(sorted(known))})")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, source=source, what="config")
 
     def replace(self, **overrides) -> "ModelConfig":
         return ModelConfig.from_dict({**self.to_dict(), **overrides}, source="override")

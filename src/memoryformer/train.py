@@ -36,7 +36,14 @@ import torch
 
 from memoryformer import checkpoint as ckpt_io
 from memoryformer import data as data_mod
-from memoryformer.config import ConfigError, MemoryFormerError, ModelConfig, get_config, preset_names
+from memoryformer.config import (
+    ConfigError,
+    MemoryFormerError,
+    ModelConfig,
+    dataclass_from_dict,
+    get_config,
+    preset_names,
+)
 from memoryformer.flops import layer_flops
 from memoryformer.model import build_model
 
@@ -177,13 +184,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "train config") -> "TrainConfig":
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source}: expected a mapping of training fields, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown training key {unknown[0]!r} (valid keys: {', '.join(sorted(known))})")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, source=source, what="training")
 
     def replace(self, **overrides) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **overrides}, source="override")
