@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import math
-import platform
 import shlex
 import sys
 import time
@@ -33,21 +32,10 @@ from memoryformer.config import DENSE_CONTROL, get_config
 from memoryformer.flops import forward_flops_per_token
 from memoryformer.train import TrainConfig, default_lr, resume_config, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_timing import device_name  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_name(device: str) -> str:
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
 def main(argv=None) -> dict:
@@ -130,7 +118,7 @@ def write(stem, args, command, mf_cfg, dense_cfg, seq_len, total_steps, rows, in
     result = {
         "benchmark": "quality at equal tokens",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": device_name(args.device),
+        "device": device_name(torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")),
         "torch": torch.__version__,
         "command": command,
         "config": args.config,
