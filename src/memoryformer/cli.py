@@ -26,36 +26,6 @@ def cmd_flops(args: argparse.Namespace) -> None:
             print(f"\nFigure 1 written to {args.plot}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from memoryformer import train
-
-    train.main(args)
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    from memoryformer import demo
-
-    demo.main(args)
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from memoryformer import evaluate
-
-    evaluate.main(args)
-
-
-def cmd_ablate(args: argparse.Namespace) -> None:
-    from memoryformer import ablate
-
-    ablate.main(args)
-
-
-def cmd_analyze(args: argparse.Namespace) -> None:
-    from memoryformer import analyze
-
-    analyze.main(args)
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
@@ -84,29 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence for Table 1 (default 2048)")
     p.set_defaults(func=cmd_flops)
 
-    from memoryformer import demo, train
+    from memoryformer import ablate, analyze, demo, evaluate, train
 
-    p = sub.add_parser("train", help="train a model on text (the paper's recipe; torchrun for several processes)")
-    train.add_arguments(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("demo", help="train micro MemoryFormer and its dense control on the bundled text and compare")
-    demo.add_arguments(p)
-    p.set_defaults(func=cmd_demo)
-
-    from memoryformer import ablate, analyze, evaluate
-
-    p = sub.add_parser("eval", help="zero-shot benchmarks (lm-eval prompts and metrics) and perplexity of a checkpoint")
-    evaluate.add_arguments(p)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("ablate", help="the paper's ablations (Tables 3-6, weighting): train each variant, tabulate")
-    ablate.add_arguments(p)
-    p.set_defaults(func=cmd_ablate)
-
-    p = sub.add_parser("analyze", help="bucket usage of the Memory Layers (Figure 4): histograms, unused rows, entropy")
-    analyze.add_arguments(p)
-    p.set_defaults(func=cmd_analyze)
+    # Subcommands whose module owns its flags (`add_arguments`) and its entry point (`main(args)`).
+    for name, module, help_text in (
+        ("train", train, "train a model on text (the paper's recipe; torchrun for several processes)"),
+        ("demo", demo, "train micro MemoryFormer and its dense control on the bundled text and compare"),
+        ("eval", evaluate, "zero-shot benchmarks (lm-eval prompts and metrics) and perplexity of a checkpoint"),
+        ("ablate", ablate, "the paper's ablations (Tables 3-6, weighting): train each variant, tabulate"),
+        ("analyze", analyze, "bucket usage of the Memory Layers (Figure 4): histograms, unused rows, entropy"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
 
     p = sub.add_parser("generate", help="sample a continuation of a prompt from a checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run folder")
