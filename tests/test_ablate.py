@@ -9,6 +9,7 @@ import pytest
 import memoryformer as mf
 from memoryformer import ablate
 from memoryformer.cli import main as cli_main
+from memoryformer.config import DENSE_CONTROL
 
 
 @pytest.mark.parametrize("scale", ["micro", "tiny"])
@@ -19,12 +20,17 @@ def test_every_variant_is_a_valid_config(scale):
         names = [v.name for v in suite.variants]
         assert len(set(names)) == len(names)
         for v in suite.variants:
-            cfg = mf.get_config(scale, **v.model)
-            assert cfg.arch == "memoryformer"
+            cfg = ablate.variant_config(scale, v)
+            assert cfg.arch == ("transformer" if v.dense else "memoryformer")
     tau10 = mf.get_config(scale, **s["tau"].variants[2].model)
     assert tau10.tau == 10 and tau10.d_model % 10 == 0 and tau10.d_model <= mf.get_config(scale).d_model
     assert [v.model["expand_bits"] for v in s["expand-bits"].variants] == [0, 1, 2, 3]
     assert [v.train["lr"] for v in s["lr"].variants] == [1e-3, 2e-3, 3e-3, 4e-3]
+    att = [ablate.variant_config(scale, v) for v in s["attention"].variants]
+    assert [c.attention for c in att] == ["softmax", "linformer", "cosformer", "performer", "softmax"]
+    assert att[0] == mf.get_config(DENSE_CONTROL[scale]) and att[-1] == mf.get_config(scale)
+    # the efficient attentions cost fewer FLOPs per block than softmax at the paper's s = 2048, as in Table 2
+    assert all(ablate.block_flops(c) < ablate.block_flops(att[0]) for c in att[1:4])
     with pytest.raises(mf.MemoryFormerError, match="dense preset"):
         ablate.suites("micro-dense")
 
@@ -83,6 +89,19 @@ def test_run_suite_trains_each_variant_at_equal_tokens_and_reuses_finished_runs(
 def test_lr_suite_sets_the_peak_lr(tmp_path, fake_train):
     ablate.run_suite("lr", tokens=100, out=tmp_path, log=lambda m: None)
     assert [t.lr for _, t in fake_train] == [1e-3, 2e-3, 3e-3, 4e-3]
+
+
+def test_attention_suite_trains_the_dense_control_with_each_attention(tmp_path, fake_train):
+    res = ablate.run_suite("attention", tokens=100, out=tmp_path / "runs", results_dir=tmp_path / "res", log=lambda m: None)
+    assert [(c.arch, c.attention) for c, _ in fake_train] == [
+        ("transformer", "softmax"), ("transformer", "linformer"), ("transformer", "cosformer"),
+        ("transformer", "performer"), ("memoryformer", "softmax")]
+    assert [t.lr for _, t in fake_train] == [None] * 5  # each model's default LR (MemoryFormer: 3x the dense one)
+    flops = [r["block_flops"] for r in res["variants"]]
+    assert flops[0] == ablate.block_flops(mf.get_config("micro-dense")) and min(flops[1:4]) > 0
+    md = (tmp_path / "res" / "ablations_attention_micro.md").read_text()
+    assert "### Table 2: `attention`" in md and "Pythia-410M / MF-base" in md
+    assert f"| {flops[0] / 1e9:.3g} G |" in md
 
 
 def test_cli_ablate(tmp_path, fake_train, capsys):

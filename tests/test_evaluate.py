@@ -155,7 +155,8 @@ def _reference_scores(model, groups):
 
 
 @pytest.mark.parametrize("arch,kw", [("memoryformer", {}), ("transformer", {}), ("transformer", {"attention": "cosformer"})])
-def test_batched_shared_context_scores_equal_full_forward(arch, kw):
+def test_batched_shared_context_scores_equal_full_forward(arch, kw, monkeypatch):
+    monkeypatch.setattr(ev, "HEAD_ROWS", 3)  # LM-head chunks end inside groups and inside shared prefixes
     torch.manual_seed(0)
     extra = {"tau": 4} if arch == "memoryformer" else {}
     cfg = mf.get_config("micro" if arch == "memoryformer" else "micro-dense", n_layer=2, d_model=32, n_head=2,
@@ -168,6 +169,8 @@ def test_batched_shared_context_scores_equal_full_forward(arch, kw):
         ctx = torch.randint(0, 97, (rnd(1, 30 if i % 4 == 0 else 15),), generator=g).tolist()  # some overflow the window
         conts = [torch.randint(0, 97, (rnd(1, 7),), generator=g).tolist() for _ in range(rnd(1, 5))]
         groups.append((ctx, conts))
+    # choices that start alike: their common prefix is scored once, the targets after it each on their own
+    groups += [([3, 1, 4], [[5, 9, 2], [5, 9, 7, 1], [5, 8], [5]]), ([2, 7], [[1, 8, 2, 8], [1, 8, 2, 8, 1]])]
     got = ev.loglikelihood_groups(model, groups, batch_size=5, progress=False)
     want = _reference_scores(model, groups)
     for gs, ws in zip(got, want):
@@ -242,6 +245,11 @@ def test_cli_eval_json_and_errors(bench, tmp_path, capsys):
     cli_main(["eval", "--checkpoint", str(ck), "--data", str(text), "--max-tokens", "40", "--json", "--no-progress"])
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"ppl", "tokens"} and out["tokens"] == 40
+    # int8 tables: nearly the same perplexity, not the same bits
+    cli_main(["eval", "--checkpoint", str(ck), "--data", str(text), "--max-tokens", "40", "--json", "--no-progress",
+              "--tables", "int8"])
+    q = json.loads(capsys.readouterr().out)
+    assert q["tokens"] == 40 and q["ppl"] == pytest.approx(out["ppl"], rel=0.02) and q["ppl"] != out["ppl"]
     for argv, msg in ((["--tasks", "nope"], "unknown task 'nope'"),
                       (["--data-dir", str(tmp_path / "none")], "not a folder")):
         with pytest.raises(SystemExit) as e:

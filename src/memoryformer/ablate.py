@@ -14,6 +14,9 @@ Suites (all at the chosen scale's width, heads and layers):
   accuracy for this table, not PPL; at our scale zero-shot is at chance, so we compare validation PPL.
 - `weighting` (open question 1): the authors' code weighting ||z||_1 p(z) vs the paper's p(z) (Eq. 10), each at
   temperature 1 and 0.5. The paper reports no numbers for this.
+- `attention` (Table 2): the scale's dense control with softmax, Linformer, cosFormer and Performer attention, beside
+  the MemoryFormer preset itself. The paper reports zero-shot accuracy of 410M-scale models; we compare validation
+  PPL and print each variant's block FLOPs at the paper's s = 2048 as Table 2 does.
 
 A variant whose run folder already holds a finished run of the same config and budget is not retrained.
 """
@@ -27,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memoryformer.config import MemoryFormerError, ModelConfig, get_config
+from memoryformer.config import DENSE_CONTROL, MemoryFormerError, ModelConfig, get_config
+from memoryformer.flops import PAPER_SEQ_LEN, block_flops
 
 
 @dataclass
@@ -36,6 +40,11 @@ class Variant:
     model: dict = field(default_factory=dict)  # ModelConfig overrides
     train: dict = field(default_factory=dict)  # TrainConfig overrides
     paper: float | None = None  # the paper's number for this variant
+    dense: bool = False  # start from the scale's dense control instead of the MemoryFormer preset
+
+
+def variant_config(scale: str, v: Variant) -> ModelConfig:
+    return get_config(DENSE_CONTROL[scale] if v.dense else scale, **v.model)
 
 
 @dataclass
@@ -45,6 +54,7 @@ class Suite:
     metric: str  # what `paper` holds
     variants: list[Variant]
     claim: str  # the paper's ordering, in words
+    paper_models: str = "MF-tiny"  # what the paper's numbers were measured on
 
 
 def _tau10_width(cfg: ModelConfig) -> int:
@@ -80,10 +90,18 @@ def suites(scale: str = "micro") -> dict[str, Suite]:
             Variant("paper, t=0.5", dict(weighting="paper", temperature=0.5)),
             Variant("code, t=0.5", dict(weighting="code", temperature=0.5)),
         ], "no paper numbers: which weighting trains better is open"),
+        "attention": Suite("attention", "Table 2", "zero-shot avg", [
+            Variant("dense, softmax", dense=True, paper=0.435),
+            Variant("dense, Linformer", dict(attention="linformer"), dense=True, paper=0.398),
+            Variant("dense, cosFormer", dict(attention="cosformer"), dense=True, paper=0.405),
+            Variant("dense, Performer", dict(attention="performer"), dense=True, paper=0.418),
+            Variant("MemoryFormer", paper=0.458),
+        ], "MemoryFormer beats all three efficient attentions and the dense model (0.458 vs 0.398-0.435 avg)",
+            "Pythia-410M / MF-base"),
     }
 
 
-SUITE_NAMES = ("tau", "lr", "expand-bits", "gelu", "weighting")
+SUITE_NAMES = ("tau", "lr", "expand-bits", "gelu", "weighting", "attention")
 
 
 def _slug(name: str) -> str:
@@ -119,13 +137,14 @@ def run_suite(suite_name: str, *, scale: str = "micro", tokens: int = 300_000, o
 
     def result() -> dict:
         rows = [results[n] for n in names if n in results]
-        return dict(suite=suite.name, table=suite.table, paper_metric=suite.metric, claim=suite.claim, scale=scale,
+        return dict(suite=suite.name, table=suite.table, paper_metric=suite.metric, paper_models=suite.paper_models,
+                    claim=suite.claim, scale=scale,
                     tokens_per_variant=tokens, batch_size=batch_size, seed=seed, data=data or "sample",
                     eval_tokens=eval_tokens, complete=len(rows) == len(names), variants_total=len(names), variants=rows,
                     ordering=ordering(suite, rows))
 
     for v in suite.variants:
-        cfg = get_config(scale, **v.model)
+        cfg = variant_config(scale, v)
         tkw = dict(data=data, out=str(scale_root / suite.name / _slug(v.name)), max_tokens=tokens, seed=seed,
                    batch_size=batch_size, eval_every=0, eval_tokens=eval_tokens, ckpt_every=0, device=device,
                    progress=progress, verbose=False, deterministic=False)
@@ -148,7 +167,8 @@ def run_suite(suite_name: str, *, scale: str = "micro", tokens: int = 300_000, o
         results[v.name] = dict(name=v.name, model_overrides=v.model, train_overrides=v.train, paper=v.paper,
                                val_loss=s.get("val_loss"), val_ppl=s.get("val_ppl"), tokens=s.get("tokens"),
                                steps=s.get("steps"), tokens_per_s=s.get("tokens_per_s"),
-                               checkpoint=s.get("checkpoint"), params=s.get("params"))
+                               checkpoint=s.get("checkpoint"), params=s.get("params"),
+                               block_flops=block_flops(cfg, PAPER_SEQ_LEN))
         if results_dir is not None:
             write_results(result(), results_dir)
     return result()
@@ -218,7 +238,7 @@ def ordering(suite: Suite, rows: list[dict]) -> dict:
 
 def format_markdown(res: dict) -> str:
     trained = sorted({r["tokens"] for r in res["variants"] if r.get("tokens")})
-    paper_head = "paper" if res["paper_metric"] == "-" else f"paper ({res['paper_metric']}, MF-tiny)"
+    paper_head = "paper" if res["paper_metric"] == "-" else f"paper ({res['paper_metric']}, {res.get('paper_models', 'MF-tiny')})"
     lines = [
         f"### {res['table']}: `{res['suite']}` at `{res['scale']}` scale",
         "",
@@ -227,17 +247,21 @@ def format_markdown(res: dict) -> str:
         f"seed {res['seed']}, data `{res['data']}`, validation PPL over the same {res['eval_tokens']:,} tokens of "
         "held-out text for every variant.",
         "",
-        f"| variant | {paper_head} | ours: val PPL | ours: val loss | tokens/s |",
-        "|---|---|---|---|---|",
+        f"| variant | {paper_head} | ours: val PPL | ours: val loss | block FLOPs (s=2048) | tokens/s |",
+        "|---|---|---|---|---|---|",
     ]
     for r in res["variants"]:
         paper = "-" if r["paper"] is None else f"{r['paper']:g}"
-        lines.append(f"| {r['name']} | {paper} | {r['val_ppl']:.3f} | {r['val_loss']:.4f} | {r['tokens_per_s'] or 0:,.0f} |")
+        fl = "-" if r.get("block_flops") is None else f"{r['block_flops'] / 1e9:.3g} G"
+        lines.append(f"| {r['name']} | {paper} | {r['val_ppl']:.3f} | {r['val_loss']:.4f} | {fl} | "
+                     f"{r['tokens_per_s'] or 0:,.0f} |")
     o = res["ordering"]
     if not res.get("complete", True):
         lines += ["", f"**Incomplete:** {len(res['variants'])} of the suite's {res.get('variants_total', '?')} variants "
                       "finished in the time available."]
-    lines += ["", "tokens/s: training throughput as measured; it depends on what else ran on the machine, not only "
+    lines += ["", "block FLOPs: multiply-accumulates of one block's forward over 2,048 tokens, counted as the paper's "
+                  "Table 1 (memoryformer flops).",
+              "tokens/s: training throughput as measured; it depends on what else ran on the machine, not only "
                   "on the variant.", "", f"Paper's claim: {res['claim']}."]
     if o.get("holds") is None:
         lines.append(f"Best here: {o['best_ours']}.")

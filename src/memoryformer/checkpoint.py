@@ -39,26 +39,51 @@ class CheckpointError(MemoryFormerError):
 # Model weights + config
 
 
-def _write_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
+INFERENCE_KEY = "memoryformer.inference_tables"  # safetensors metadata: "<table dtype>/<activation dtype>"
+
+
+def _write_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path, extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    _replace_file(path / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "library": "memoryformer"}))
+    meta = {"format": "pt", "library": "memoryformer", **(extra or {})}
+    _replace_file(path / WEIGHTS, lambda tmp: save_file(state, tmp, metadata=meta))
     _replace_file(path / CONFIG, cfg.save)
 
 
+def _inference_tables(model: torch.nn.Module) -> str | None:
+    """"int8/float32"-style tag when `to_inference` froze the model's tables, else None (trainable tables)."""
+    from memoryformer.layers import MemoryLayer
+
+    tags = {f"{_dtype_name(m.tables.dtype)}/{_dtype_name(m.output_dtype)}"
+            for m in model.modules() if isinstance(m, MemoryLayer) and m.output_dtype is not None}
+    if len(tags) > 1:
+        raise MemoryFormerError(f"model: memory tables converted to several inference dtypes ({sorted(tags)}); "
+                                "save_model expects one")
+    return tags.pop() if tags else None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def save_model(model: torch.nn.Module, path: str | os.PathLike) -> Path:
-    """Write `model.safetensors` + `config.json` into directory `path` (created if missing)."""
+    """Write `model.safetensors` + `config.json` into directory `path` (created if missing).
+
+    A model whose tables `to_inference` froze (int8 with per-row scales, bfloat16, ...) is saved as it is, and
+    `load_model` rebuilds it the same way.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     bare = _unwrap(model)
-    _write_weights(bare.state_dict(), bare.config, path)
+    tag = _inference_tables(bare)
+    _write_weights(bare.state_dict(), bare.config, path, {INFERENCE_KEY: tag} if tag else None)
     return path
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load a model saved by `save_model` (or a training checkpoint directory) onto `device`."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -74,10 +99,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         model = build_model(cfg)
     try:
         state = load_file(path / WEIGHTS, device=str(device))
+        with safe_open(path / WEIGHTS, framework="pt") as f:
+            tag = (f.metadata() or {}).get(INFERENCE_KEY)
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise MemoryFormerError(f"{path / WEIGHTS}: unreadable safetensors file ({e})") from None
     model.to_empty(device=device)
     model.init_weights()  # buffers (rotary tables) are not in the file
+    if tag:  # frozen inference tables: convert the fresh model the same way, then load into it
+        _apply_inference_tag(model, tag, path / WEIGHTS)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise MemoryFormerError(
@@ -86,6 +115,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _apply_inference_tag(model: torch.nn.Module, tag: str, file: Path) -> None:
+    from memoryformer.layers import INFERENCE_DTYPES, MemoryLayer
+
+    tables, _, act = tag.partition("/")
+    act_dtype = getattr(torch, act, None)
+    if tables not in INFERENCE_DTYPES or not isinstance(act_dtype, torch.dtype):
+        raise MemoryFormerError(f"{file}: unknown {INFERENCE_KEY} {tag!r} (expected '<{'|'.join(INFERENCE_DTYPES)}>/<dtype>')")
+    for m in model.modules():
+        if isinstance(m, MemoryLayer):
+            m.to_inference(tables)
+            m.output_dtype = act_dtype
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -33,7 +33,7 @@ PAPER_TASKS = ("piqa", "winogrande", "wsc", "arc_easy", "arc_challenge", "logiqa
 ALL_TASKS = PAPER_TASKS + ("lambada_openai",)
 ALIASES = {"lambada": "lambada_openai", "superglue_wsc": "wsc", "arc-easy": "arc_easy", "arc-challenge": "arc_challenge"}
 EOT_ID = 0  # <|endoftext|>: lm-eval's prefix token for an empty context
-HEAD_ROWS = 1024  # positions per LM-head call: bounds the (rows, vocab) logits to 200 MB
+HEAD_ROWS = 64  # positions per LM-head call: (64, vocab) fp32 logits stay in cache for the logsumexp that reads them
 
 
 @dataclass
@@ -216,18 +216,36 @@ def _final_hidden(model, idx: torch.Tensor) -> torch.Tensor:
     return model.norm(x)
 
 
-def _score_positions(model, hidden: torch.Tensor, targets: torch.Tensor,
-                     greedy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden (N, d) at the positions that predict `targets` (N,) -> (log-probs (N,), is-argmax (N,))."""
-    lps, hits = [], []
-    # logit - logsumexp rather than log_softmax: no second (rows, vocab) tensor to write and read back
-    for i in range(0, hidden.shape[0], HEAD_ROWS):
+def _score_positions(model, hidden: torch.Tensor, targets: torch.Tensor, greedy: bool = True,
+                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and is-argmax of `targets` (N,) predicted from hidden states (U, d) -> ((N,), (N,)).
+
+    `rows` (N,) names the hidden row of each target (default: row i for target i), so a position that predicts
+    several targets (the first token of every choice of one question, or choices that start alike) runs through
+    the LM head once.
+    """
+    U, N = hidden.shape[0], targets.shape[0]
+    rows = torch.arange(N, device=targets.device) if rows is None else rows
+    order = torch.argsort(rows, stable=True)
+    r_sorted, t_sorted = rows[order], targets[order]
+    starts = torch.arange(0, U + HEAD_ROWS, HEAD_ROWS, device=rows.device).clamp_(max=U)
+    bounds = torch.searchsorted(r_sorted, starts).tolist()
+    lp_sorted = torch.empty(N, dtype=torch.float32, device=targets.device)
+    hit_sorted = torch.zeros(N, dtype=torch.bool, device=targets.device)
+    # small chunks keep the (rows, vocab) logits in cache while logsumexp reads them back; logit - logsumexp
+    # rather than log_softmax: no second (rows, vocab) tensor to write and read
+    for j, i in enumerate(range(0, U, HEAD_ROWS)):
+        a, b = bounds[j], bounds[j + 1]
+        if a == b:
+            continue
         logits = model.head(hidden[i : i + HEAD_ROWS]).float()  # (n, V)
-        t = targets[i : i + HEAD_ROWS]
-        lps.append(logits.gather(1, t[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
-        # argmax costs as much again; only LAMBADA's accuracy needs it
-        hits.append(logits.argmax(-1) == t if greedy else torch.zeros_like(t, dtype=torch.bool))
-    return torch.cat(lps), torch.cat(hits)
+        local, t = r_sorted[a:b] - i, t_sorted[a:b]
+        lp_sorted[a:b] = logits[local, t] - torch.logsumexp(logits, dim=-1)[local]
+        if greedy:  # argmax costs as much again; only LAMBADA's accuracy needs it
+            hit_sorted[a:b] = logits.argmax(-1)[local] == t
+    lp, hit = torch.empty_like(lp_sorted), torch.empty_like(hit_sorted)
+    lp[order], hit[order] = lp_sorted, hit_sorted
+    return lp, hit
 
 
 def _plain_rows(model, rows: list[tuple[list[int], int]], device, greedy: bool = True) -> list[tuple[float, bool]]:
@@ -342,14 +360,23 @@ def _shared_groups(model, groups: list[tuple[list[int], list[list[int]]]], devic
     need_suffix = S > 1 or any(len(cont) > 1 for _, cont in rows)
     hidden_s = _cached_forward(model, sidx.to(device), spos.to(device), past, valid)[0] if need_suffix else None
 
-    vecs, tgt, counts = [], [], []
+    # every scored token is predicted by the hidden state at (its group, the choice's tokens before it): choices
+    # share the context's last state and any common prefix, so score each distinct state once
+    d = last_c.shape[-1]
+    flat = last_c if hidden_s is None else torch.cat((last_c, hidden_s.reshape(-1, d)))
+    key_row: dict[tuple, int] = {}
+    src, row_of, tgt, counts = [], [], [], []
     for r, (g, cont) in enumerate(rows):
-        vecs.append(last_c[g : g + 1])
-        if len(cont) > 1:
-            vecs.append(hidden_s[r, : len(cont) - 1])
+        for j in range(len(cont)):
+            key = (g, *cont[:j])
+            if key not in key_row:
+                key_row[key] = len(src)
+                src.append(g if j == 0 else G + r * S + j - 1)
+            row_of.append(key_row[key])
         tgt += cont
         counts.append(len(cont))
-    lp, hit = _score_positions(model, torch.cat(vecs), torch.tensor(tgt, device=device), greedy)
+    lp, hit = _score_positions(model, flat[torch.tensor(src, device=device)], torch.tensor(tgt, device=device), greedy,
+                               torch.tensor(row_of, device=device))
     out, k, r = [], 0, 0
     for _, conts in groups:
         res = []
@@ -604,6 +631,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, metavar="N", help="perplexity window (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--tables", choices=("int8", "bfloat16", "float16", "float32"),
+                   help="evaluate with the memory tables frozen to this dtype (int8: one scale per row), as "
+                        "memoryformer.to_inference does; default: as stored")
     p.add_argument("--harness", choices=("memoryformer", "lm-eval"), default="memoryformer",
                    help="score with our scorer (default) or through lm-evaluation-harness (extra [eval])")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -625,6 +655,10 @@ def main(args) -> dict:
     except RuntimeError:
         raise MemoryFormerError(f"device: {args.device!r} is not a torch device (cpu, cuda, cuda:0, ...)") from None
     model = load_model(args.checkpoint, device=args.device)
+    if args.tables:
+        from memoryformer.layers import to_inference
+
+        to_inference(model, args.tables)
     progress = not args.no_progress
     out: dict = {}
     t0 = time.perf_counter()
