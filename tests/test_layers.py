@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import memoryformer as mf
+from memoryformer.layers import MemoryLayer
 from memoryformer.ops import chunk_hash, lookup_embedding_bag, lookup_reference, memory_lookup
 
 
@@ -173,3 +174,35 @@ def test_memory_block(expand_bits, activation):
     y = block(x)
     y.sum().backward()
     assert y.shape == x.shape and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_lsb_bit_order_only_permutes_each_tables_rows():
+    """Eq. 4's LSB-first code: the same layer with every table's rows bit-reversed gives the same outputs."""
+    torch.manual_seed(0)
+    msb = MemoryLayer(24, 5, tau=4, backend="reference").double()
+    lsb = MemoryLayer(24, 5, tau=4, bit_order="lsb", backend="reference").double()
+    rev = torch.tensor([int(f"{i:04b}"[::-1], 2) for i in range(16)])
+    with torch.no_grad():
+        lsb.tables.copy_(msb.tables[:, rev])
+        lsb.bias.copy_(msb.bias)
+    x = torch.randn(7, 24, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(lsb(x), msb(x), rtol=0, atol=1e-12)
+    # element 0 of a chunk is the least significant bit: [+, -, -, -] -> row 1 (MSB-first: row 8)
+    z = torch.tensor([[1.0, -1, -1, -1] * 6], dtype=torch.float64)
+    assert lsb.hash(z)[0].tolist() == [[1] * 6] and msb.hash(z)[0].tolist() == [[8] * 6]
+    torch.autograd.gradcheck(lambda t: lsb(t), (x[:3].detach().requires_grad_(),))
+    with pytest.raises(ValueError, match="bit_order"):
+        MemoryLayer(8, 4, tau=4, bit_order="middle")
+
+
+def test_hash_projection_hashes_a_learned_linear_of_the_input():
+    torch.manual_seed(0)
+    layer = MemoryLayer(16, 6, tau=4, hash_projection=True, backend="reference").double()
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    codes, weights = layer.hash(x)
+    want = chunk_hash(layer.proj(x), 4)
+    assert torch.equal(codes, want[0]) and torch.allclose(weights, want[1])
+    layer(x).sum().backward()
+    assert layer.proj.weight.grad.abs().sum() > 0  # the projection trains through the weights
+    torch.autograd.gradcheck(lambda t: layer(t), (x[:2].detach().requires_grad_(),))
+    assert MemoryLayer(16, 6, tau=4).proj is None  # off by default, as in the paper

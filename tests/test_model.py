@@ -156,3 +156,29 @@ def test_save_and_load_roundtrip(tmp_path):
     assert torch.equal(model(idx)[0], loaded(idx)[0])
     with pytest.raises(mf.MemoryFormerError, match="not a checkpoint directory"):
         mf.load(tmp_path / "missing")
+
+
+def test_bit_order_and_hash_projection_options(tmp_path):
+    from memoryformer.flops import block_flops
+
+    base = tiny()
+    for kw in ({"bit_order": "lsb"}, {"hash_projection": True}):
+        cfg = mf.get_config("micro", **{**base.to_dict(), **kw, "arch": "memoryformer"})
+        model = mf.MemoryFormer(cfg)
+        layers = [m for m in model.modules() if isinstance(m, mf.MemoryLayer)]
+        assert layers and all(m.bit_order == cfg.bit_order and (m.proj is not None) == cfg.hash_projection for m in layers)
+        idx = torch.randint(0, 64, (2, 10))
+        _, loss = model(idx, idx)
+        loss.backward()
+        assert torch.isfinite(loss)
+        mf.save_model(model.eval(), tmp_path / str(kw))
+        assert torch.equal(mf.load(tmp_path / str(kw))(idx)[0], model(idx)[0])  # also rebuilt on meta + init
+    projected = mf.get_config("micro", **{**base.to_dict(), "hash_projection": True})
+    d, hid = base.d_model, base.block_hidden
+    assert block_flops(projected) - block_flops(base) == 2048 * (2 * d * d + hid * hid)
+    extra = mf.MemoryFormer(projected).num_params()["dense"] - mf.MemoryFormer(base).num_params()["dense"]
+    assert extra == base.n_layer * (2 * (d * d + d) + hid * hid + hid)  # three Linear(in, in) per block
+    with pytest.raises(mf.ConfigError, match="bit_order"):
+        mf.get_config("micro", bit_order="lsb-first")
+    with pytest.raises(mf.ConfigError, match="hash_projection"):
+        mf.get_config("micro", hash_projection="yes")

@@ -58,6 +58,8 @@ class ModelConfig:
     rotary_base: float = 10000.0
     ffn_mult: int = 4  # dense control only: FFN width = ffn_mult * d_model
     memory_bias: bool = True  # learned bias on every Memory Layer (as in the authors' code)
+    bit_order: str = "msb"  # "msb": chunk element j is bit tau-1-j (Fig. 2, authors' code); "lsb": bit j (Eq. 4)
+    hash_projection: bool = False  # hash a learned Linear(in, in) of each Memory Layer's input (off in the paper)
     attention: str = "softmax"  # dense control only: "linformer" | "cosformer" | "performer" (Table 2 baselines)
     linformer_k: int = 64  # Linformer: compressed key/value rows per max_seq_len window (blocks of max_seq_len / k)
     performer_features: int = 128  # Performer: random features per head
@@ -96,6 +98,10 @@ class ModelConfig:
         if self.weighting not in WEIGHTINGS:
             fail("weighting", f"expected one of {WEIGHTINGS}")
         want_float("temperature", 0.0, open_lo=True)
+        if self.bit_order not in ("msb", "lsb"):
+            fail("bit_order", "expected 'msb' or 'lsb'")
+        if not isinstance(self.hash_projection, bool):
+            fail("hash_projection", "expected true or false")
         if self.block_activation not in BLOCK_ACTIVATIONS:
             fail("block_activation", f"expected one of {BLOCK_ACTIVATIONS}")
         want_float("rotary_pct", 0.0, 1.0)

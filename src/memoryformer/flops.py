@@ -137,6 +137,9 @@ def layer_flops(cfg: ModelConfig, s: int = PAPER_SEQ_LEN) -> list[LayerCost]:
         out.append(LayerCost("attention (QK^T, AV)", attention_flops(d, s), 0, 0))
         out.append(LayerCost("block.l1 (memory)", memory_layer_flops(s, d, hid, t), K * 2**t * hid, hid if cfg.memory_bias else 0))
         out.append(LayerCost("block.l2 (memory)", memory_layer_flops(s, hid, d, t2), K * 2**t2 * d, d if cfg.memory_bias else 0))
+        if getattr(cfg, "hash_projection", False):  # a dense Linear(in, in) before each of the three hashes
+            for name, n in (("qkv", d), ("block.l1", d), ("block.l2", hid)):
+                out.append(LayerCost(f"{name} hash projection (dense)", s * n * n, 0, n * n + n))
     else:
         f = cfg.ffn_mult * d
         out.append(LayerCost("qkv (dense)", s * d * 3 * d, 0, 3 * d * d + 3 * d))

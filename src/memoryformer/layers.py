@@ -18,6 +18,7 @@ from memoryformer.ops import (
 )
 from memoryformer.ops.memory import WEIGHTINGS
 
+BIT_ORDERS = ("msb", "lsb")
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 
 
@@ -35,11 +36,17 @@ class MemoryLayer(nn.Module):
         weighting: "code" (default): ||z||_1 * prod_j sigmoid(2|z_j|/t), as the authors' code;
             "paper": prod_j sigmoid(2|z_j|/t), Eq. 10.
         temperature: t.
+        bit_order: "msb" (default; Fig. 2 and the authors' code): chunk element j is bit tau-1-j of the row index;
+            "lsb" (Eq. 4 as printed): element j is bit j. The two only permute each table's rows; pick the one a
+            checkpoint was trained with.
+        hash_projection: hash a learned projection `proj(x)` (nn.Linear(in, in), LookupFFN style) instead of x
+            itself. Off by default: the paper and both released configs hash x directly.
         backend: which kernel runs the gather: "auto" (default: Triton on CUDA, the "cpu" kernels on CPU),
             "reference", "embedding_bag", "cpu", "triton"; see `memoryformer.ops`.
 
     Shapes: input (..., in_features) floating; output (..., out_features) in the tables' dtype.
-    Parameters: `tables` (K, 2**tau, out_features), `bias` (out_features,) or None. After `to_inference("int8")`
+    Parameters: `tables` (K, 2**tau, out_features), `bias` (out_features,) or None, `proj` (with hash_projection).
+    After `to_inference("int8")`
     the tables are frozen int8 and a `table_scale` (K, 2**tau) buffer holds one scale per row.
     """
 
@@ -52,6 +59,8 @@ class MemoryLayer(nn.Module):
         bias: bool = True,
         weighting: str = "code",
         temperature: float = 1.0,
+        bit_order: str = "msb",
+        hash_projection: bool = False,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -67,12 +76,16 @@ class MemoryLayer(nn.Module):
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
         if not temperature > 0:
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+        if bit_order not in BIT_ORDERS:
+            raise ValueError(f"bit_order: expected one of {BIT_ORDERS}, got {bit_order!r}")
         if backend not in backend_names():
             raise ValueError(f"backend: expected one of {backend_names()}, got {backend!r}")
         self.in_features, self.out_features, self.tau = in_features, out_features, tau
         self.n_tables = in_features // tau
         self.weighting, self.temperature, self.backend = weighting, float(temperature), backend
+        self.bit_order = bit_order
         factory = dict(device=device, dtype=dtype)
+        self.proj = nn.Linear(in_features, in_features, **factory) if hash_projection else None
         self.tables = nn.Parameter(torch.empty(self.n_tables, 2**tau, out_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("table_scale", None)  # (K, 2**tau) float32 for int8 inference tables
@@ -84,6 +97,17 @@ class MemoryLayer(nn.Module):
         nn.init.normal_(self.tables, std=std)
         if self.bias is not None:
             nn.init.normal_(self.bias, std=bias_std)
+        if self.proj is not None:  # keeps the input's scale, which the "code" weighting ||z||_1 p(z) sees
+            nn.init.normal_(self.proj.weight, std=self.in_features**-0.5)
+            nn.init.zeros_(self.proj.bias)
+
+    def hash_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What gets chunked and hashed: x, or proj(x), with each chunk reversed for bit_order="lsb"."""
+        if self.proj is not None:
+            x = self.proj(x)
+        if self.bit_order == "lsb":  # LSB-first code of z == MSB-first code of z reversed; the weight is symmetric
+            x = x.unflatten(-1, (self.n_tables, self.tau)).flip(-1).flatten(-2)
+        return x
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -97,13 +121,13 @@ class MemoryLayer(nn.Module):
     def hash(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (..., K) int64, weights (..., K) float). Share it across layers with the same input and tau."""
         self._check_input(x)
-        return chunk_hash(x, self.tau, weighting=self.weighting, temperature=self.temperature)
+        return chunk_hash(self.hash_input(x), self.tau, weighting=self.weighting, temperature=self.temperature)
 
     def forward(self, x: torch.Tensor, hash: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if hash is None:
             self._check_input(x)
             y = memory_layer(
-                x, self.tables, self.bias, tau=self.tau, weighting=self.weighting, temperature=self.temperature,
+                self.hash_input(x), self.tables, self.bias, tau=self.tau, weighting=self.weighting, temperature=self.temperature,
                 backend=self.backend, scale=self.table_scale,
             )
         else:
@@ -150,6 +174,8 @@ class MemoryLayer(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, tau={self.tau}, "
             f"K={self.n_tables}, bias={self.bias is not None}, weighting={self.weighting!r}, "
             f"temperature={self.temperature}, backend={self.backend!r}"
+            + (f", bit_order={self.bit_order!r}" if self.bit_order != "msb" else "")
+            + (", hash_projection=True" if self.proj is not None else "")
             + (f", tables={str(self.tables.dtype).removeprefix('torch.')}" if self.output_dtype is not None else "")
         )
 
@@ -172,6 +198,8 @@ class MemoryBlock(nn.Module):
         bias: bool = True,
         weighting: str = "code",
         temperature: float = 1.0,
+        bit_order: str = "msb",
+        hash_projection: bool = False,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -179,7 +207,8 @@ class MemoryBlock(nn.Module):
         super().__init__()
         if activation not in (None, "gelu"):
             raise ValueError(f"activation: expected None or 'gelu', got {activation!r}")
-        kw = dict(bias=bias, weighting=weighting, temperature=temperature, backend=backend, device=device, dtype=dtype)
+        kw = dict(bias=bias, weighting=weighting, temperature=temperature, bit_order=bit_order,
+                  hash_projection=hash_projection, backend=backend, device=device, dtype=dtype)
         hidden = (tau + expand_bits) * (d_model // tau)
         self.l1 = MemoryLayer(d_model, hidden, tau, **kw)
         self.act = nn.GELU() if activation == "gelu" else nn.Identity()

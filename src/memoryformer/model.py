@@ -85,6 +85,7 @@ class MemoryAttention(nn.Module):
         self.qkv = MemoryLayer(
             cfg.d_model, 3 * cfg.d_model, cfg.tau,
             bias=cfg.memory_bias, weighting=cfg.weighting, temperature=cfg.temperature,
+            bit_order=cfg.bit_order, hash_projection=cfg.hash_projection,
         )
         self.rotary = rotary
 
@@ -101,6 +102,7 @@ class MemoryFormerBlock(nn.Module):
         self.mlp = MemoryBlock(
             cfg.d_model, cfg.tau, cfg.expand_bits, activation=cfg.block_activation,
             bias=cfg.memory_bias, weighting=cfg.weighting, temperature=cfg.temperature,
+            bit_order=cfg.bit_order, hash_projection=cfg.hash_projection,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
