@@ -51,3 +51,36 @@ def test_cli_generate(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x"])
     assert e.value.code == 2 and "not a checkpoint directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["memoryformer", "transformer"])
+def test_kv_cache_generates_what_the_full_forward_does(arch):
+    torch.manual_seed(0)
+    kw = dict(n_layer=2, d_model=32, n_head=2, vocab_size=50, max_seq_len=16)
+    m = mf.build_model(mf.get_config("micro", tau=4, **kw) if arch == "memoryformer" else mf.get_config("micro-dense", **kw)).eval()
+    idx = torch.randint(0, 50, (3, 5))
+    # greedy and sampled, past max_seq_len (the window then slides)
+    for extra in (dict(temperature=0), dict(temperature=1.0, top_k=10)):
+        a = generate(m, idx, 20, kv_cache=True, generator=torch.Generator().manual_seed(3), **extra)
+        b = generate(m, idx, 20, kv_cache=False, generator=torch.Generator().manual_seed(3), **extra)
+        assert torch.equal(a, b)
+
+
+def test_forward_cached_in_pieces_equals_forward():
+    torch.manual_seed(0)
+    m = model()
+    idx = torch.randint(0, 50, (2, 12))
+    full = m.head(m.forward_cached(idx, torch.arange(12).expand(2, 12))[0])
+    torch.testing.assert_close(full, m(idx)[0], atol=1e-5, rtol=1e-5)
+    h1, kv = m.forward_cached(idx[:, :7], torch.arange(7).expand(2, 7))
+    h2, _ = m.forward_cached(idx[:, 7:], torch.arange(7, 12).expand(2, 5), kv)
+    torch.testing.assert_close(m.head(torch.cat((h1, h2), 1)), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m.forward_cached(idx[:, :1], torch.tensor([[16], [16]]))
+    perf = mf.build_model(mf.get_config("micro-dense", n_layer=1, d_model=32, n_head=2, vocab_size=50, max_seq_len=16,
+                                        attention="performer"))
+    assert not perf.supports_kv_cache()
+    out = generate(perf.eval(), idx[:, :3], 2, temperature=0)  # falls back to the full forward
+    assert out.shape == (2, 5)
+    with pytest.raises(ValueError, match="no KV-cached path"):
+        perf.forward_cached(idx[:, :3], torch.arange(3).expand(2, 3))

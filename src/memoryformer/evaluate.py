@@ -269,67 +269,12 @@ def _plain_rows(model, rows: list[tuple[list[int], int]], device, greedy: bool =
     return out
 
 
-# Shared-context scoring. The step below mirrors the two block types' forward with explicit positions and cached
-# keys/values; `test_evaluate.py` checks it against the models' own forward.
+# Shared-context scoring: one cached pass over each question's context (`forward_cached`), then every choice
+# attends to its keys/values. `test_evaluate.py` checks the result against one full forward per choice.
 
 
 def _supports_shared_context(model) -> bool:
-    from memoryformer.model import MemoryFormerBlock, TransformerBlock
-
-    blocks = getattr(model, "blocks", None)
-    if not blocks or not hasattr(model, "rotary"):
-        return False
-    for b in blocks:
-        if type(b) is MemoryFormerBlock:
-            continue
-        if type(b) is TransformerBlock and getattr(b.attn, "core", None) is None:
-            continue
-        return False
-    return True
-
-
-def _rotate(rotary, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Rotary at explicit positions: x (B, nh, T, hd), pos (B, T)."""
-    if rotary.dims == 0:
-        return x
-    rot, keep = x[..., : rotary.dims], x[..., rotary.dims :]
-    x1, x2 = rot.chunk(2, dim=-1)
-    cos, sin = rotary.cos[pos][:, None].to(x.dtype), rotary.sin[pos][:, None].to(x.dtype)  # (B, 1, T, dims)
-    return torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, keep), dim=-1)
-
-
-def _attend(qkv, n_head, rotary, pos, past, past_valid):
-    """Causal attention of new tokens over [past keys/values (masked by past_valid (B, P)); themselves]."""
-    B, T, three_d = qkv.shape
-    hd = three_d // (3 * n_head)
-    q, k, v = qkv.view(B, T, n_head, 3 * hd).transpose(1, 2).split(hd, dim=-1)  # 3 x (B, nh, T, hd)
-    q, k = _rotate(rotary, q, pos), _rotate(rotary, k, pos)
-    v = v.to(q.dtype)
-    if past is None:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        pk, pv = past
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        mask = torch.cat((past_valid[:, None, None, :].expand(B, 1, T, pk.shape[2]), causal.expand(B, 1, T, T)), dim=-1)
-        y = F.scaled_dot_product_attention(q, torch.cat((pk, k), 2), torch.cat((pv, v), 2), attn_mask=mask)
-    return y.transpose(1, 2).reshape(B, T, n_head * hd), (k, v)
-
-
-def _cached_forward(model, idx, pos, past=None, past_valid=None):
-    """(B, T) ids at positions pos (B, T) -> (final hidden (B, T, d), per-layer (k, v) of these tokens)."""
-    from memoryformer.model import MemoryFormerBlock
-
-    x, kvs = model.embed(idx), []
-    for i, b in enumerate(model.blocks):
-        a, kv = _attend(b.attn.qkv(b.norm1(x)), b.attn.n_head, b.attn.rotary, pos,
-                        None if past is None else past[i], past_valid)
-        kvs.append(kv)
-        if type(b) is MemoryFormerBlock:
-            x = x + a
-            x = x + b.mlp(b.norm2(x))
-        else:  # TransformerBlock: parallel residual, output projection
-            x = x + b.attn.proj(a) + b.mlp(b.norm2(x))
-    return model.norm(x), kvs
+    return hasattr(model, "forward_cached") and model.supports_kv_cache()
 
 
 def _shared_groups(model, groups: list[tuple[list[int], list[list[int]]]], device,
@@ -342,7 +287,7 @@ def _shared_groups(model, groups: list[tuple[list[int], list[list[int]]]], devic
     for g, (c, _) in enumerate(groups):
         idx[g, : len(c)] = torch.tensor(c)
     pos = torch.arange(Cmax).expand(G, Cmax)
-    hidden_c, kv_c = _cached_forward(model, idx.to(device), pos.to(device))  # right padding never reaches real tokens
+    hidden_c, kv_c = model.forward_cached(idx.to(device), pos.to(device))  # right padding never reaches real tokens
     last_c = hidden_c[torch.arange(G), torch.tensor(C) - 1]  # (G, d): predicts every choice's first token
 
     rows = [(g, cont) for g, (_, conts) in enumerate(groups) for cont in conts]
@@ -358,7 +303,7 @@ def _shared_groups(model, groups: list[tuple[list[int], list[list[int]]]], devic
     past = [(k.index_select(0, owner), v.index_select(0, owner)) for k, v in kv_c]
     valid = (torch.arange(Cmax)[None, :] < torch.tensor(C)[:, None]).to(device).index_select(0, owner)
     need_suffix = S > 1 or any(len(cont) > 1 for _, cont in rows)
-    hidden_s = _cached_forward(model, sidx.to(device), spos.to(device), past, valid)[0] if need_suffix else None
+    hidden_s = model.forward_cached(sidx.to(device), spos.to(device), past, valid)[0] if need_suffix else None
 
     # every scored token is predicted by the hidden state at (its group, the choice's tokens before it): choices
     # share the context's last state and any common prefix, so score each distinct state once

@@ -72,6 +72,47 @@ def causal_attention(qkv: torch.Tensor, n_head: int, rotary: Rotary) -> torch.Te
     return y.transpose(1, 2).reshape(B, T, n_head * hd)  # (B, T, d)
 
 
+# Incremental decoding: the same attention at explicit positions over cached keys/values. Used by `generate`
+# (KV cache) and by the zero-shot scorer (one pass over a shared context, then every choice from its cache).
+KVCache = list  # per block: (keys, values), each (B, n_head, P, head_dim), rotary already applied
+
+
+def rotate_at(rotary: Rotary, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotary at explicit positions: x (B, nh, T, hd), pos (B, T) int64."""
+    if rotary.dims == 0:
+        return x
+    rot, keep = x[..., : rotary.dims], x[..., rotary.dims :]
+    x1, x2 = rot.chunk(2, dim=-1)
+    cos, sin = rotary.cos[pos][:, None].to(x.dtype), rotary.sin[pos][:, None].to(x.dtype)  # (B, 1, T, dims)
+    return torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, keep), dim=-1)
+
+
+def cached_attention(qkv: torch.Tensor, n_head: int, rotary: Rotary, pos: torch.Tensor,
+                     past: tuple[torch.Tensor, torch.Tensor] | None = None, past_valid: torch.Tensor | None = None):
+    """Causal attention of new tokens (qkv (B, T, 3d) at positions pos (B, T)) over [past keys/values; themselves].
+
+    `past_valid` (B, P) bool masks padded cache entries (None: all valid). Returns (y (B, T, d), (k, v) of the new
+    tokens) so the caller can extend its cache.
+    """
+    B, T, three_d = qkv.shape
+    hd = three_d // (3 * n_head)
+    q, k, v = qkv.view(B, T, n_head, 3 * hd).transpose(1, 2).split(hd, dim=-1)  # 3 x (B, nh, T, hd)
+    q, k = rotate_at(rotary, q, pos), rotate_at(rotary, k, pos)
+    v = v.to(q.dtype)
+    if past is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        pk, pv = past
+        mask = None
+        if past_valid is not None or T > 1:
+            P = pk.shape[2]
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            seen = past_valid if past_valid is not None else torch.ones(B, P, dtype=torch.bool, device=q.device)
+            mask = torch.cat((seen[:, None, None, :].expand(B, 1, T, P), causal.expand(B, 1, T, T)), dim=-1)
+        y = F.scaled_dot_product_attention(q, torch.cat((pk, k), 2), torch.cat((pv, v), 2), attn_mask=mask)
+    return y.transpose(1, 2).reshape(B, T, n_head * hd), (k, v)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MemoryFormer
 
@@ -108,6 +149,11 @@ class MemoryFormerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def forward_cached(self, x, pos, past=None, past_valid=None):
+        a, kv = cached_attention(self.attn.qkv(self.norm1(x)), self.attn.n_head, self.attn.rotary, pos, past, past_valid)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), kv
 
 
 class _LanguageModel(nn.Module):
@@ -147,6 +193,25 @@ class _LanguageModel(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    def supports_kv_cache(self) -> bool:
+        """Softmax attention in every block (the Table 2 efficient attentions have no cached path)."""
+        return all(getattr(b.attn, "core", None) is None for b in self.blocks)
+
+    def forward_cached(self, idx: torch.Tensor, pos: torch.Tensor, past: KVCache | None = None,
+                       past_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """(B, T) ids at positions pos (B, T) after a cache of earlier tokens -> (final-norm hidden (B, T, d), the
+        new tokens' per-block (k, v)); `model.head(hidden)` gives the logits. Equal to `forward` when the cache holds
+        the tokens before them (see `cached_attention` for `past_valid`)."""
+        if not self.supports_kv_cache():
+            raise ValueError(f"attention: {self.config.attention!r} has no KV-cached path; use forward()")
+        if pos.numel() and int(pos.max()) >= self.config.max_seq_len:
+            raise ValueError(f"max_seq_len: position {int(pos.max())} is beyond the model's max_seq_len={self.config.max_seq_len}")
+        x, kvs = self.embed(idx), []
+        for i, block in enumerate(self.blocks):
+            x, kv = block.forward_cached(x, pos, None if past is None else past[i], past_valid)
+            kvs.append(kv)
+        return self.norm(x), kvs
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -254,6 +319,11 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # parallel residual, as Pythia
         return x + self.attn(self.norm1(x)) + self.mlp(self.norm2(x))
+
+    def forward_cached(self, x, pos, past=None, past_valid=None):
+        att = self.attn
+        a, kv = cached_attention(att.qkv(self.norm1(x)), att.n_head, att.rotary, pos, past, past_valid)
+        return x + att.proj(a) + self.mlp(self.norm2(x)), kv
 
 
 class Transformer(_LanguageModel):
