@@ -68,3 +68,18 @@ def test_cli_json_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = subprocess.run([sys.executable, "-m", "memoryformer", "flops"], capture_output=True, text=True, check=True).stdout
     assert "mf-small" in text and "0.91 G" in text and "formula" in text
+
+
+def test_bytes_moved_estimate_by_hand():
+    from memoryformer.flops import weight_bytes
+
+    # micro: d 128, K 16, block hidden (8 + 2) * 16 = 160; bf16
+    mfb = weight_bytes(mf.get_config("micro"), 1)
+    assert mfb["weights"] == 2 * 16 * (384 + 160 + 128)  # K rows of each layer's width per token
+    assert mfb["activations"] == 2 * ((128 + 384) + (128 + 160) + (160 + 128))
+    dense = weight_bytes(mf.get_config("micro-dense"), 2048)
+    assert dense["weights"] == 2 * (128 * 384 + 128 * 128 + 2 * 128 * 512)  # read once per pass
+    assert dense["total"] == dense["weights"] + dense["activations"] == dense["weights"] + 2 * 2048 * (512 + 256 + 640 + 640)
+    # batch-1 decode: the Memory Layers read ~1/tau of a dense block's weights
+    base, pythia = weight_bytes(mf.get_config("base"), 1), weight_bytes(mf.get_config("pythia-410m"), 1)
+    assert 10 < pythia["weights"] / base["weights"] < 25

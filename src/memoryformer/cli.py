@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from memoryformer.config import MemoryFormerError
+from memoryformer.config import MemoryFormerError, get_config
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
@@ -17,7 +17,11 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
     if args.json:
         table = [{k: r[k] for k in ("model", "flops_wo_attn", "flops_total")} for r in flops.table1(args.seq_len)]
-        print(json.dumps({"table1": table, "figure1": flops.figure1(), "notes": flops.PAPER_MISMATCH}))
+        bytes_ = {n: {"decode": flops.weight_bytes(get_config(n), 1),
+                      f"prefill_{args.seq_len}": flops.weight_bytes(get_config(n), args.seq_len)}
+                  for n in ("micro", "micro-dense", "tiny", "pythia-70m", "small", "pythia-160m", "base", "pythia-410m")}
+        print(json.dumps({"table1": table, "figure1": flops.figure1(), "notes": flops.PAPER_MISMATCH,
+                          "bytes_per_block_bf16": bytes_}))
     else:
         print(flops.report(args.seq_len))
     if args.plot:
