@@ -1,4 +1,4 @@
-"""CPU kernels for the Memory Layer, written with PyTorch ops (no compilation).
+"""CPU kernels for the Memory Layer, written with PyTorch ops, plus one compiled decode kernel (`cpu_ext`).
 
 Forward: one fused weighted embedding-bag over the flattened (K*R, h) table (fbgemm's JIT-generated kernel behind
 `F.embedding_bag` for fp32/bf16/fp16; its 8-bit row-wise kernel for int8 tables, which reads 1/4 of the fp32 bytes).
@@ -10,7 +10,8 @@ grad_weights[n, k] = <g[n], T[k, c[n, k]]>), as fast as `F.embedding_bag` under 
 rows in token chunks that stay in cache and scatters w * g rows with `index_add_` (sequential per row on CPU).
 
 `layer_forward` fuses the hash with the lookup for inference: the same numbers as `chunk_hash` + `memory_lookup`
-in about half the PyTorch calls, which is most of a batch-1 layer's latency.
+in about half the PyTorch calls, which is most of a batch-1 layer's latency. For 1-2 tokens it hands the whole layer
+to the compiled kernel of `cpu_ext` (one call; built on first use, skipped without a compiler).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from memoryformer.ops import cpu_ext
 from memoryformer.ops.library import define_lookup_op, flat_call
 from memoryformer.ops.memory import pack_bits
 
@@ -156,6 +158,14 @@ def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: flo
     """Inference-only `memory_lookup(*chunk_hash(x, tau, ...), tables, bias, scale=scale)` for CPU tensors."""
     lead = x.shape[:-1]
     K, R, h = tables.shape
+    if x.numel() <= cpu_ext.MAX_TOKENS * K * tau and x.device.type == "cpu":
+        ext = cpu_ext.get()
+        if ext is not None:  # one compiled call instead of ~15 small ones: batch-1 decode
+            y = ext.decode(x, tables, scale, bias, tau, weighting == "code", float(temperature))
+            dtype = tables.dtype if tables.is_floating_point() else torch.float32  # as the ATen path below
+            if bias is not None:
+                dtype = torch.promote_types(dtype, bias.dtype)
+            return y.to(dtype).reshape(*lead, h)
     z = x.reshape(-1, K, tau)
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()

@@ -1,0 +1,79 @@
+"""The compiled CPU decode kernel: float64-reference agreement for every table dtype, and its wiring."""
+
+import shutil
+
+import pytest
+import torch
+
+import memoryformer as mf
+from memoryformer.ops import chunk_hash, cpu, cpu_ext, dequantize_rows, lookup_reference
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    cpu_ext.reset()
+    module = cpu_ext.get()
+    assert module is not None, "the CPU decode kernel failed to build"
+    return module
+
+
+def _reference(x, tables, scale, bias, tau, weighting, t):
+    """float64: chunk_hash + plain indexing over the dequantised tables."""
+    full = dequantize_rows(tables, scale) if scale is not None else tables
+    codes, w = chunk_hash(x.double(), tau, weighting=weighting, temperature=t)
+    y = lookup_reference(codes, w, full.double())
+    return y + bias.double() if bias is not None else y
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("tau", [4, 8, 10])
+def test_decode_matches_float64_reference(ext, dtype, tau):
+    torch.manual_seed(tau)
+    for weighting, t, n, with_bias in (("code", 1.0, 1, True), ("paper", 0.7, 2, False), ("code", 0.5, 2, True)):
+        layer = mf.MemoryLayer(3 * tau, 40, tau=tau, weighting=weighting, temperature=t, bias=with_bias).eval()
+        if dtype != "float32":
+            layer.to_inference(dtype)
+        x = torch.randn(n, 3 * tau)
+        x[0, 0] = 0.0  # sign(0) = +1
+        bias = None if layer.bias is None else layer.bias.detach()
+        bias_before = None if bias is None else bias.clone()
+        got = ext.decode(x, layer.tables, layer.table_scale, bias, tau, weighting == "code", t)
+        want = _reference(x, layer.tables, layer.table_scale, bias, tau, weighting, t)
+        tol = 1e-5 if dtype in ("float32", "int8") else 1e-6  # tables are exact in every dtype; sums in fp32
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        if bias is not None:
+            assert torch.equal(bias, bias_before)  # the output never aliases the bias
+
+
+def test_layer_uses_the_kernel_for_one_or_two_tokens(ext, monkeypatch):
+    layer = mf.MemoryLayer(32, 24, tau=8).eval()
+    calls = []
+    monkeypatch.setattr(cpu_ext, "get", lambda: (calls.append(1), ext)[1])
+    for n in (1, 2, 3):
+        x = torch.randn(1, n, 32)
+        with torch.no_grad():
+            got = layer(x)
+            codes, w = chunk_hash(x, 8)
+            want = lookup_reference(codes, w, layer.tables) + layer.bias
+        assert got.shape == (1, n, 24) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2  # 1 and 2 tokens; 3 tokens take fbgemm's embedding bag
+    x = torch.randn(1, 32, requires_grad=True)
+    layer(x).sum().backward()  # training never takes the inference kernel
+    assert len(calls) == 2 and x.grad is not None
+
+
+def test_disabled_by_environment(monkeypatch, caplog):
+    monkeypatch.setenv("MEMORYFORMER_CPU_KERNEL", "0")
+    cpu_ext.reset()
+    try:
+        with caplog.at_level("WARNING", logger="memoryformer"):
+            assert cpu_ext.get() is None
+        assert "MEMORYFORMER_CPU_KERNEL=0" in caplog.text
+        layer = mf.MemoryLayer(16, 8, tau=8).eval()
+        with torch.no_grad():
+            assert layer(torch.randn(16)).shape == (8,)  # the ATen path still runs
+    finally:
+        cpu_ext.reset()
