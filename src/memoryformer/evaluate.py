@@ -7,10 +7,11 @@ Tasks (files from the benchmark folder, field names as in lm-eval's own datasets
 
 Scoring follows lm-eval's `loglikelihood` exactly: trailing spaces of the context move to the continuation, the pair is
 tokenized whole and split at the context's length, an empty context becomes <|endoftext|>, and a pair longer than
-the model's window keeps its last max_seq_len + 1 tokens. Speed on CPU comes from three things that do not change a
-number: the LM head runs only where a continuation token is scored; rows are sorted by length so batches pad little;
-and the choices of one question share one pass over their common context, whose attention keys and values they then
-reuse (for the softmax-attention models; others score every choice in full).
+the model's window keeps its last max_seq_len + 1 tokens. Speed on CPU comes from four things that do not change a
+number: the LM head runs only where a continuation token is scored, and once per distinct hidden state (the choices of
+a question share the context's last state and any common prefix), in chunks whose logits stay in cache; rows are
+sorted by length so batches pad little; and the choices of one question share one pass over their common context,
+whose attention keys and values they then reuse (softmax-attention models; others score every choice in full).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ PAPER_TASKS = ("piqa", "winogrande", "wsc", "arc_easy", "arc_challenge", "logiqa
 ALL_TASKS = PAPER_TASKS + ("lambada_openai",)
 ALIASES = {"lambada": "lambada_openai", "superglue_wsc": "wsc", "arc-easy": "arc_easy", "arc-challenge": "arc_challenge"}
 EOT_ID = 0  # <|endoftext|>: lm-eval's prefix token for an empty context
-HEAD_ROWS = 64  # positions per LM-head call: (64, vocab) fp32 logits stay in cache for the logsumexp that reads them
+HEAD_ROWS = 64  # positions per LM-head call on CPU: (64, vocab) fp32 logits stay in cache for the logsumexp
+HEAD_ROWS_GPU = 1024  # on GPUs larger calls fill the device (bounds the logits to 200 MB)
 
 
 @dataclass
@@ -225,20 +227,21 @@ def _score_positions(model, hidden: torch.Tensor, targets: torch.Tensor, greedy:
     the LM head once.
     """
     U, N = hidden.shape[0], targets.shape[0]
+    chunk = HEAD_ROWS if hidden.device.type == "cpu" else HEAD_ROWS_GPU
     rows = torch.arange(N, device=targets.device) if rows is None else rows
     order = torch.argsort(rows, stable=True)
     r_sorted, t_sorted = rows[order], targets[order]
-    starts = torch.arange(0, U + HEAD_ROWS, HEAD_ROWS, device=rows.device).clamp_(max=U)
+    starts = torch.arange(0, U + chunk, chunk, device=rows.device).clamp_(max=U)
     bounds = torch.searchsorted(r_sorted, starts).tolist()
     lp_sorted = torch.empty(N, dtype=torch.float32, device=targets.device)
     hit_sorted = torch.zeros(N, dtype=torch.bool, device=targets.device)
     # small chunks keep the (rows, vocab) logits in cache while logsumexp reads them back; logit - logsumexp
     # rather than log_softmax: no second (rows, vocab) tensor to write and read
-    for j, i in enumerate(range(0, U, HEAD_ROWS)):
+    for j, i in enumerate(range(0, U, chunk)):
         a, b = bounds[j], bounds[j + 1]
         if a == b:
             continue
-        logits = model.head(hidden[i : i + HEAD_ROWS]).float()  # (n, V)
+        logits = model.head(hidden[i : i + chunk]).float()  # (n, V)
         local, t = r_sorted[a:b] - i, t_sorted[a:b]
         lp_sorted[a:b] = logits[local, t] - torch.logsumexp(logits, dim=-1)[local]
         if greedy:  # argmax costs as much again; only LAMBADA's accuracy needs it
