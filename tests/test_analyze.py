@@ -49,6 +49,30 @@ def test_hooks_count_every_token_in_every_table():
     assert (counts["block0.qkv"] == want).all()
 
 
+def test_score_distribution_of_the_weights():
+    model = tiny(weighting="paper")
+    tokens = np.random.default_rng(0).integers(0, 50, 500)
+    scores: dict = {}
+    analyze.bucket_counts(model, tokens, n_tokens=160, seq_len=16, progress=False, scores=scores)
+    layer = model.blocks[0].attn.qkv
+    from memoryformer.data import eval_starts
+
+    idx = torch.tensor(np.stack([tokens[s : s + 16] for s in eval_starts(len(tokens), 16, 160)]))
+    with torch.no_grad():
+        _, w = layer.hash(model.blocks[0].norm1(model.embed(idx)))
+    w = w.double().flatten()
+    h = scores["block0.qkv"]
+    assert h["n"] == w.numel() == 160 * 4 and h["hist"].sum() == h["n"]
+    st = analyze.score_stats(h)
+    assert st["mean"] == pytest.approx(w.mean().item()) and st["std"] == pytest.approx(w.std(unbiased=False).item())
+    assert st["min"] == pytest.approx(w.min().item()) and st["max"] == pytest.approx(w.max().item())
+    # percentiles are bin edges of a log histogram (5 % wide): within one bin of the exact value
+    assert st["p50"] == pytest.approx(w.median().item(), rel=0.13)
+    assert 2.0**-4 <= st["min"] <= st["p01"] <= st["p50"] <= st["p99"] <= st["max"] < 1.0  # paper weighting, tau 4
+    s = analyze.summarize(*analyze.bucket_counts(model, tokens, n_tokens=160, seq_len=16, progress=False), scores)
+    assert s["layers"]["block1.l2"]["scores"]["p99"] > 0 and "weight p01" in analyze.format_summary(s)
+
+
 @pytest.mark.slow
 def test_analyze_checkpoint_writes_json_png_npz(tmp_path, capsys):
     ck = mf.save_model(tiny(vocab_size=50304), tmp_path / "ck")
@@ -58,7 +82,7 @@ def test_analyze_checkpoint_writes_json_png_npz(tmp_path, capsys):
     (text / "a.val.txt").write_text("The validation text is different. " * 60, encoding="utf-8")
     s = analyze.analyze_checkpoint(ck, tmp_path / "out", data=str(text), n_tokens=64, progress=False)
     assert s["tokens"] == 64 and set(s["by_kind"]) == {"qkv", "l1", "l2"}
-    for name in ("buckets.json", "buckets.png", "bucket_counts.npz"):
+    for name in ("buckets.json", "buckets.png", "bucket_counts.npz", "scores.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "buckets.json").read_text())
     assert saved["layers"]["block1.l2"]["rows"] == 64

@@ -7,6 +7,9 @@ validation text. Per table it reports:
 - `unused`: the fraction of rows never hit (such rows never receive a gradient, paper Eq. 12);
 - `entropy`: the hit distribution's entropy divided by log(rows) (1 = uniform, 0 = one row takes every token);
 - `max_over_mean`: hits of the busiest row over the uniform mean (the Figure-4 y-axis peaks, in those units).
+It also records the distribution of the differentiable weights ("scores": p(z), or ||z||_1 p(z) for the code
+weighting) per layer: mean, std, extremes and percentiles from a log-spaced histogram (`scores.png`). Under the paper
+weighting p(z) lies in [2^-tau, 1); weights near 2^-tau mean chunks sitting on their sign boundaries.
 """
 
 from __future__ import annotations
@@ -55,11 +58,31 @@ def table_stats(counts: np.ndarray) -> dict:
     }
 
 
+SCORE_EDGES = np.logspace(-6, 4, 201)  # histogram bins of the weights; values outside go to the end bins
+
+
+def score_stats(h: dict) -> dict:
+    """Summary of one layer's weight histogram {"hist", "n", "sum", "sumsq", "min", "max"}."""
+    n = max(h["n"], 1)
+    mean = h["sum"] / n
+    cdf = np.cumsum(h["hist"]) / n
+
+    def q(p):  # upper edge of the bin where the CDF crosses p (first/last bins: the observed extremes)
+        i = int(np.searchsorted(cdf, p))
+        return h["min"] if i == 0 else h["max"] if i >= len(SCORE_EDGES) else float(SCORE_EDGES[i])
+
+    return {"mean": round(mean, 6), "std": round(math.sqrt(max(h["sumsq"] / n - mean * mean, 0.0)), 6),
+            "min": round(h["min"], 8), "max": round(h["max"], 6),
+            "p01": round(q(0.01), 8), "p50": round(q(0.5), 6), "p99": round(q(0.99), 6)}
+
+
 @torch.inference_mode()
 def bucket_counts(model, tokens, *, n_tokens: int = 262_144, seq_len: int | None = None, batch_size: int = 8,
-                  device: str | torch.device | None = None, progress: bool = True) -> tuple[dict[str, np.ndarray], int]:
+                  device: str | torch.device | None = None, progress: bool = True,
+                  scores: dict | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Hit counts {layer: (K, 2**tau) int64} over about `n_tokens` tokens of the 1-D token array `tokens`
-    (non-overlapping windows of `seq_len`, spread evenly over the text); returns (counts, tokens seen)."""
+    (non-overlapping windows of `seq_len`, spread evenly over the text); returns (counts, tokens seen).
+    A `scores` dict is filled with each layer's weight histogram (see `score_stats`)."""
     from tqdm.auto import tqdm
 
     from memoryformer.data import eval_starts
@@ -70,10 +93,21 @@ def bucket_counts(model, tokens, *, n_tokens: int = 262_144, seq_len: int | None
     seq_len = seq_len or model.config.max_seq_len
     device = device or next(model.parameters()).device
     counts = {name: torch.zeros(m.n_tables, 2**m.tau, dtype=torch.int64) for name, m in layers.items()}
+    if scores is not None:
+        scores.update({name: dict(hist=np.zeros(len(SCORE_EDGES) + 1, dtype=np.int64), n=0, sum=0.0, sumsq=0.0,
+                                  min=math.inf, max=-math.inf) for name in layers})
 
     def hook(name, layer):
         def pre(_mod, args):
-            codes, _ = layer.hash(args[0])  # (..., K)
+            codes, weights = layer.hash(args[0])  # (..., K)
+            if scores is not None:
+                w = weights.detach().double().flatten().cpu().numpy()
+                h = scores[name]
+                h["hist"] += np.bincount(np.searchsorted(SCORE_EDGES, w), minlength=len(SCORE_EDGES) + 1)
+                h["n"] += w.size
+                h["sum"] += float(w.sum())
+                h["sumsq"] += float((w * w).sum())
+                h["min"], h["max"] = min(h["min"], float(w.min())), max(h["max"], float(w.max()))
             codes = codes.reshape(-1, layer.n_tables).cpu()
             flat = codes + torch.arange(layer.n_tables)[None, :] * 2**layer.tau
             counts[name] += torch.bincount(flat.flatten(), minlength=layer.n_tables * 2**layer.tau).view_as(counts[name])
@@ -97,8 +131,11 @@ def bucket_counts(model, tokens, *, n_tokens: int = 262_144, seq_len: int | None
     return {k: v.numpy() for k, v in counts.items()}, seen
 
 
-def summarize(counts: dict[str, np.ndarray], tokens: int) -> dict:
+def summarize(counts: dict[str, np.ndarray], tokens: int, scores: dict | None = None) -> dict:
     layers = {name: table_stats(c) for name, c in counts.items()}
+    if scores:
+        for name, h in scores.items():
+            layers[name]["scores"] = score_stats(h)
     by_kind: dict[str, dict] = {}
     for kind in ("qkv", "l1", "l2"):
         rows = [v for k, v in layers.items() if k.endswith("." + kind)]
@@ -106,6 +143,32 @@ def summarize(counts: dict[str, np.ndarray], tokens: int) -> dict:
             by_kind[kind] = {m: round(float(np.mean([r[m] for r in rows])), 5)
                              for m in ("mean_unused", "mean_entropy", "mean_max_over_mean")}
     return {"tokens": tokens, "note": "qkv: one shared hash for Q, K and V", "by_kind": by_kind, "layers": layers}
+
+
+def plot_scores(scores: dict, path: str | os.PathLike, title: str = "") -> None:
+    """One panel per layer kind (qkv, l1, l2): the weight histogram of every block, log-scaled weights."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("qkv", "l1", "l2") if any(n.endswith("." + k) for n in scores)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 2.8), dpi=110, squeeze=False)
+    mids = np.sqrt(SCORE_EDGES[1:] * SCORE_EDGES[:-1])
+    for ax, kind in zip(axes[0], kinds):
+        for name, h in scores.items():
+            if name.endswith("." + kind):
+                ax.plot(mids, h["hist"][1:-1] / max(h["n"], 1), lw=0.9, label=name.split(".")[0])
+        ax.set_xscale("log")
+        ax.set_title(f"{kind}: weight of each chunk", fontsize=8)
+        ax.set_xlabel("weight", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_buckets(counts: dict[str, np.ndarray], path: str | os.PathLike, title: str = "") -> None:
@@ -151,9 +214,10 @@ def analyze_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
     if n_tokens < 1:
         raise MemoryFormerError(f"tokens: expected a positive number, got {n_tokens}")
     tokens = data_mod.val_tokens(data)
+    scores: dict = {}
     counts, seen = bucket_counts(model, tokens, n_tokens=n_tokens, batch_size=batch_size, device=device,
-                                 progress=progress)
-    summary = summarize(counts, seen)
+                                 progress=progress, scores=scores)
+    summary = summarize(counts, seen, scores)
     summary["checkpoint"] = str(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,14 +226,18 @@ def analyze_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
     ck = Path(checkpoint).resolve()
     name = ck.parent.name if ck.name == "final" else ck.name  # runs/<name>/final
     plot_buckets(counts, out / "buckets.png", title=f"{name}: bucket hits over {seen:,} tokens")
+    plot_scores(scores, out / "scores.png", title=f"{name}: Memory Layer weights over {seen:,} tokens")
     return summary
 
 
 def format_summary(summary: dict) -> str:
     lines = [f"bucket usage over {summary['tokens']:,} tokens (qkv: one shared hash for Q, K and V)",
-             f"{'layer':<12}{'rows':>6}{'unused':>9}{'entropy':>9}{'max/mean':>10}"]
+             f"{'layer':<12}{'rows':>6}{'unused':>9}{'entropy':>9}{'max/mean':>10}{'weight p01':>12}{'p50':>9}{'p99':>9}"]
     for name, s in summary["layers"].items():
-        lines.append(f"{name:<12}{s['rows']:>6}{s['mean_unused']:>9.3f}{s['mean_entropy']:>9.3f}{s['mean_max_over_mean']:>10.2f}")
+        sc = s.get("scores")
+        w = f"{sc['p01']:>12.3g}{sc['p50']:>9.3g}{sc['p99']:>9.3g}" if sc else ""
+        lines.append(f"{name:<12}{s['rows']:>6}{s['mean_unused']:>9.3f}{s['mean_entropy']:>9.3f}"
+                     f"{s['mean_max_over_mean']:>10.2f}{w}")
     return "\n".join(lines)
 
 
