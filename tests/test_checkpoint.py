@@ -147,3 +147,21 @@ def test_unknown_inference_tag_is_a_clear_error(tmp_path):
     save_file(load_file(f), f, metadata={"format": "pt", ck.INFERENCE_KEY: "int3/float32"})
     with pytest.raises(mf.MemoryFormerError, match="unknown memoryformer.inference_tables 'int3/float32'"):
         mf.load(tmp_path / "m")
+
+
+def test_cli_export_int8_and_refusals(tmp_path, capsys):
+    from memoryformer.cli import main as cli_main
+
+    model, _ = _trained()
+    mf.save_model(model, tmp_path / "ck")
+    cli_main(["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "q"), "--tables", "int8"])
+    assert "tables int8" in capsys.readouterr().out
+    loaded = mf.load(tmp_path / "q")
+    assert loaded.blocks[0].attn.qkv.tables.dtype == torch.int8
+    x = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():  # the same model as converting in memory
+        assert torch.equal(loaded(x)[0], mf.to_inference(model.eval(), "int8")(x)[0])
+    for argv, msg in (([], "exists and is not empty"), (["--hf", "--tables", "int8", "--force"], "drop --tables or --hf")):
+        with pytest.raises(SystemExit) as e:
+            cli_main(["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "q"), *argv])
+        assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -48,6 +48,35 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(args.prompt + decode(out[0, idx.shape[1]:].tolist()))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from memoryformer.checkpoint import WEIGHTS, load_model, save_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise MemoryFormerError(f"{out}: exists and is not empty (pass --force to write into it)")
+    model = load_model(args.checkpoint)
+    if args.hf:
+        if args.tables:
+            raise MemoryFormerError("tables: a Hugging Face export keeps trainable tables; drop --tables or --hf")
+        try:
+            import memoryformer.hf as mhf
+        except ImportError as e:
+            raise MemoryFormerError(str(e)) from None
+        mhf.from_memoryformer(model).save_pretrained(out)
+        mhf.tokenizer().save_pretrained(out)
+        print(f"{args.checkpoint} -> {out} (transformers: AutoModelForCausalLM after `import memoryformer.hf`)")
+        return
+    if args.tables:
+        from memoryformer.layers import to_inference
+
+        to_inference(model, args.tables)
+    save_model(model, out)
+    print(f"{args.checkpoint} -> {out} ({(out / WEIGHTS).stat().st_size / 1e6:,.1f} MB"
+          f"{', tables ' + args.tables if args.tables else ''})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memoryformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -82,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a checkpoint's model for inference (int8/bf16 tables) or for transformers")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or new)")
+    p.add_argument("--tables", choices=("int8", "bfloat16", "float16", "float32"),
+                   help="freeze the memory tables to this dtype (int8: one fp32 scale per row); memoryformer.load reads it")
+    p.add_argument("--hf", action="store_true", help="save_pretrained folder + tokenizer for transformers (extra [hf])")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
