@@ -39,10 +39,13 @@ def analyze_suite(res: dict, out_root: Path, scale: str, n_tokens: int) -> None:
     for v in res["variants"]:
         if v["name"] in done or not v.get("checkpoint"):
             continue
+        if json.loads((Path(v["checkpoint"]) / "config.json").read_text()).get("arch") != "memoryformer":
+            continue  # the attention suite's dense controls have no buckets
         out = out_root / scale / "buckets" / ablate._slug(f"{res['suite']}-{v['name']}")
         s = analyze_checkpoint(v["checkpoint"], out, n_tokens=n_tokens, progress=False)
         done[v["name"]] = {"tokens": s["tokens"], "by_kind": s["by_kind"],
-                           "per_layer": {k: {m: x[m] for m in ("mean_unused", "mean_entropy", "mean_max_over_mean")}
+                           "per_layer": {k: {**{m: x[m] for m in ("mean_unused", "mean_entropy", "mean_max_over_mean")},
+                                             "weight_p50": x["scores"]["p50"]}
                                          for k, x in s["layers"].items()},
                            "png": str(out / "buckets.png")}
         log(f"buckets {res['suite']} {v['name']}: {json.dumps(s['by_kind'])}")
@@ -51,7 +54,7 @@ def analyze_suite(res: dict, out_root: Path, scale: str, n_tokens: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suites", default="expand-bits,weighting,gelu,tau,lr")
+    ap.add_argument("--suites", default="expand-bits,weighting,gelu,tau,lr,attention")
     ap.add_argument("--scale", default="micro")
     ap.add_argument("--tokens", type=int, default=250_000)
     ap.add_argument("--batch-size", type=int, default=16)

@@ -10,6 +10,11 @@ to the next token milestone (`--rounds` of them), and after every round both are
 validation windows and the results files are rewritten. So an interrupted benchmark still reports an equal-token
 comparison (mid-schedule, marked as such), and re-running the same command continues where it stopped.
 
+Variants of the MemoryFormer side: `--mf-set weighting=paper` (repeatable) trains the preset with those fields
+changed, in its own run folder, against the same dense control: a dense run already in OUT is reused (its
+validation loss at each milestone is read from its metrics.jsonl), so only the MemoryFormer variant trains.
+`--max-rounds N` stops after the first N milestones of the schedule (the comparison is then mid-schedule).
+
 Writes benchmarks/results/quality_<config>_<device>[_<tag>].{json,md}.
 """
 
@@ -55,9 +60,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--results", default=str(RESULTS), help="folder for quality_*.{json,md}")
     ap.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names: quality_<config>_<device>_<tag>")
+    ap.add_argument("--mf-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a field of the MemoryFormer preset (repeatable), e.g. weighting=paper")
+    ap.add_argument("--max-rounds", type=int, default=None, help="stop after this many milestones")
     args = ap.parse_args(argv)
 
-    mf_cfg = get_config(args.config)
+    overrides = {}
+    for item in args.mf_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--mf-set: expected KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    mf_cfg = get_config(args.config, **overrides)
     dense_name = DENSE_CONTROL[args.config]
     dense_cfg = get_config(dense_name)
     seq_len = args.seq_len or mf_cfg.max_seq_len
@@ -76,19 +93,21 @@ def main(argv=None) -> dict:
         seq_len=seq_len, max_steps=total_steps, eval_every=0, eval_tokens=args.eval_tokens, log_every=10,
         ckpt_every=0, keep_checkpoints=1, seed=args.seed, device=args.device, progress=sys.stderr.isatty(),
     )
-    models = {"memoryformer": (args.config, mf_cfg), "dense": (dense_name, dense_cfg)}
+    mf_label = args.config + "".join(f" {k}={v}" for k, v in overrides.items())
+    models = {"memoryformer": (mf_label, mf_cfg), "dense": (dense_name, dense_cfg)}
+    mf_dir = f"{args.config}-memoryformer" + "".join(f"-{k}={v}" for k, v in overrides.items())
     rows: list[dict] = []
     prev = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else None
     if prev and prev.get("command") == command:
         rows = prev.get("milestones", [])
     info = {k: {"preset": n, "lr": default_lr(c), "params": None, "tokens_per_s": None} for k, (n, c) in models.items()}
     t_start = time.time()
-    for ms in milestones:
+    for ms in milestones[: args.max_rounds]:
         if any(r["step"] == ms for r in rows):
             continue
         row = {"step": ms, "tokens": ms * tokens_per_step, "schedule_done": ms == total_steps}
         for key, (name, cfg) in models.items():
-            run = out / f"{args.config}-{key}"
+            run = out / (mf_dir if key == "memoryformer" else f"{args.config}-{key}")
             found = ckpt_io.find_checkpoint(run, required=False)
             if found is not None:
                 _, tcfg, _ = resume_config(run, cfg)
@@ -96,7 +115,7 @@ def main(argv=None) -> dict:
                 if done < ms:
                     s = train(None, tcfg.replace(stop_after=ms, progress=base.progress), resume=run)
                 else:
-                    s = json.loads((run / "summary.json").read_text())
+                    s = _summary_at(run, ms)
             else:
                 s = train(cfg, base.replace(out=str(run), stop_after=ms))
             if s["stopped_by"] == "interrupt":  # Ctrl-C / SIGTERM: the checkpoint is saved; rerun to continue
@@ -111,6 +130,17 @@ def main(argv=None) -> dict:
         print(f"[{ms}/{total_steps} steps] MF val ppl {row['memoryformer']['val_ppl']:.2f}, "
               f"dense {row['dense']['val_ppl']:.2f}, ratio {row['ppl_ratio']:.3f}", flush=True)
     return write(stem, args, command, mf_cfg, dense_cfg, seq_len, total_steps, rows, info, t_start)
+
+
+def _summary_at(run: Path, step: int) -> dict:
+    """A finished (or further trained) run's numbers at an earlier milestone: the validation loss the trainer logged
+    when it stopped there (metrics.jsonl), with the run's parameter counts and throughput (summary.json)."""
+    summary = json.loads((run / "summary.json").read_text())
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("step") == step and "val_loss" in rec:
+            return {**summary, "val_loss": rec["val_loss"], "train_loss": rec.get("loss"), "stopped_by": "done"}
+    raise SystemExit(f"{run}: no validation loss logged at step {step} (trained with a different schedule?)")
 
 
 def write(stem, args, command, mf_cfg, dense_cfg, seq_len, total_steps, rows, info, t_start) -> dict:
