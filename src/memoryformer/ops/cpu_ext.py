@@ -58,8 +58,9 @@ def get():
             from torch.utils.cpp_extension import load
 
             log.info("memoryformer: building the CPU decode kernel (once per machine, cached)")
-            flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
-            module = load(build_name(), [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+            # -fopenmp-simd: vectorisation hints only, no second OpenMP runtime beside torch's
+            flags = ["-O3", "-fopenmp-simd"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+            module = load(build_name(), [str(SOURCE)], extra_cflags=flags, verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: use the ATen path
             reason = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
     if module is None:

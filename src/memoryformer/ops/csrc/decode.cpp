@@ -1,31 +1,30 @@
 // Memory Layer inference for a few tokens on CPU: hash + weight + gather-sum in one call.
 //
 // At batch 1 the layer reads K rows of h entries (1/tau of a dense layer's weight), so its cost is set by how many
-// separate operations run, not by bytes; here the hash of all chunks is one loop and the gather one parallel loop
-// over output columns. Numbers match memoryformer.ops.chunk_hash + memory_lookup: bit j of a chunk is
+// separate operations run, not by bytes; here the hash of all chunks is one loop and the gather one more.
+// Numbers match memoryformer.ops.chunk_hash + memory_lookup: bit j of a chunk is
 // [z_j >= 0] with weight 2^(tau-1-j); p = prod_j sigmoid(2|z_j| / t); "code" weighting multiplies p by ||z||_1;
 // int8 tables fold their per-row scale into the weight. Accumulation is fp32 for every table dtype.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <vector>
 
 namespace {
 
+// Serial on purpose: for 1-2 tokens the work (K rows of h entries) is a few microseconds, less than waking a
+// second thread; the rows are read once, in order, and the inner loop is vectorised.
 template <typename T>
 void gather_sum(const T* tab, const int64_t* rows, const float* w, float* out, int64_t n_tok, int64_t K, int64_t h) {
-  at::parallel_for(0, h, 512, [&](int64_t j0, int64_t j1) {
-    for (int64_t n = 0; n < n_tok; ++n) {
-      float* o = out + n * h;
-      for (int64_t k = 0; k < K; ++k) {
-        const T* row = tab + rows[n * K + k] * h;
-        const float wk = w[n * K + k];
+  for (int64_t n = 0; n < n_tok; ++n) {
+    float* o = out + n * h;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* row = tab + rows[n * K + k] * h;
+      const float wk = w[n * K + k];
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) o[j] += wk * static_cast<float>(row[j]);
-      }
+      for (int64_t j = 0; j < h; ++j) o[j] += wk * static_cast<float>(row[j]);
     }
-  });
+  }
 }
 
 }  // namespace
