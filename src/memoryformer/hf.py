@@ -112,9 +112,6 @@ class MemoryFormerForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    def _reorder_cache(self, past_key_values, beam_idx):
-        return past_key_values
-
 
 def register() -> None:
     """Register "memoryformer" with AutoConfig / AutoModelForCausalLM (done on import; safe to call again)."""

@@ -49,15 +49,23 @@ class Rotary(nn.Module):
         self.cos.copy_(emb.cos())
         self.sin.copy_(emb.sin())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, nh, T, hd) -> same
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, nh, T, hd) -> same, positions 0..T-1
         if self.dims == 0:
             return x
         T = x.shape[-2]
+        return self._rotate(x, self.cos[:T], self.sin[:T])  # (T, dims)
+
+    def at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rotary at explicit positions: x (B, nh, T, hd), pos (B, T) int64 (incremental decoding)."""
+        if self.dims == 0:
+            return x
+        return self._rotate(x, self.cos[pos][:, None], self.sin[pos][:, None])  # (B, 1, T, dims)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, keep = x[..., : self.dims], x[..., self.dims :]
         x1, x2 = rot.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)  # (T, dims)
-        return torch.cat((rot * cos + rotated * sin, keep), dim=-1)
+        return torch.cat((rot * cos.to(x.dtype) + rotated * sin.to(x.dtype), keep), dim=-1)
 
 
 def causal_attention(qkv: torch.Tensor, n_head: int, rotary: Rotary) -> torch.Tensor:
@@ -77,16 +85,6 @@ def causal_attention(qkv: torch.Tensor, n_head: int, rotary: Rotary) -> torch.Te
 KVCache = list  # per block: (keys, values), each (B, n_head, P, head_dim), rotary already applied
 
 
-def rotate_at(rotary: Rotary, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Rotary at explicit positions: x (B, nh, T, hd), pos (B, T) int64."""
-    if rotary.dims == 0:
-        return x
-    rot, keep = x[..., : rotary.dims], x[..., rotary.dims :]
-    x1, x2 = rot.chunk(2, dim=-1)
-    cos, sin = rotary.cos[pos][:, None].to(x.dtype), rotary.sin[pos][:, None].to(x.dtype)  # (B, 1, T, dims)
-    return torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, keep), dim=-1)
-
-
 def cached_attention(qkv: torch.Tensor, n_head: int, rotary: Rotary, pos: torch.Tensor,
                      past: tuple[torch.Tensor, torch.Tensor] | None = None, past_valid: torch.Tensor | None = None):
     """Causal attention of new tokens (qkv (B, T, 3d) at positions pos (B, T)) over [past keys/values; themselves].
@@ -97,7 +95,7 @@ def cached_attention(qkv: torch.Tensor, n_head: int, rotary: Rotary, pos: torch.
     B, T, three_d = qkv.shape
     hd = three_d // (3 * n_head)
     q, k, v = qkv.view(B, T, n_head, 3 * hd).transpose(1, 2).split(hd, dim=-1)  # 3 x (B, nh, T, hd)
-    q, k = rotate_at(rotary, q, pos), rotate_at(rotary, k, pos)
+    q, k = rotary.at(q, pos), rotary.at(k, pos)
     v = v.to(q.dtype)
     if past is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
