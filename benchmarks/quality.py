@@ -63,6 +63,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--mf-set", action="append", default=[], metavar="KEY=VALUE",
                     help="change a field of the MemoryFormer preset (repeatable), e.g. weighting=paper")
     ap.add_argument("--max-rounds", type=int, default=None, help="stop after this many milestones")
+    ap.add_argument("--dense-from", metavar="JSON", default=None,
+                    help="take the dense control's validation numbers from an earlier results file of the same "
+                         "schedule instead of training it again")
     args = ap.parse_args(argv)
 
     overrides = {}
@@ -102,11 +105,25 @@ def main(argv=None) -> dict:
         rows = prev.get("milestones", [])
     info = {k: {"preset": n, "lr": default_lr(c), "params": None, "tokens_per_s": None} for k, (n, c) in models.items()}
     t_start = time.time()
+    dense_rows = None
+    if args.dense_from:
+        prior = json.loads(Path(args.dense_from).read_text())
+        for key, want in (("total_steps", total_steps), ("batch_size", args.batch_size), ("seq_len", seq_len),
+                          ("eval_tokens", args.eval_tokens)):
+            if prior.get(key) != want:
+                ap.error(f"--dense-from: {args.dense_from} has {key}={prior.get(key)!r}, this run {want!r}")
+        dense_rows = {r["step"]: r["dense"] for r in prior["milestones"]}
+        info["dense"].update(prior["models"]["dense"])
     for ms in milestones[: args.max_rounds]:
         if any(r["step"] == ms for r in rows):
             continue
         row = {"step": ms, "tokens": ms * tokens_per_step, "schedule_done": ms == total_steps}
         for key, (name, cfg) in models.items():
+            if key == "dense" and dense_rows is not None:
+                if ms not in dense_rows:
+                    ap.error(f"--dense-from: {args.dense_from} has no dense result at step {ms}")
+                row[key] = dense_rows[ms]
+                continue
             run = out / (mf_dir if key == "memoryformer" else f"{args.config}-{key}")
             found = ckpt_io.find_checkpoint(run, required=False)
             if found is not None:
