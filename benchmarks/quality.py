@@ -1,21 +1,25 @@
-"""Quality at equal tokens: a MemoryFormer preset vs its dense control, same data in the same order.
+"""Quality at equal tokens: a MemoryFormer preset (or a variant of it) vs its dense control, same data and batches.
 
     python benchmarks/quality.py --config micro --tokens 5e6 \\
         --data ../shared/data/corpus/gutenberg_en/gutenberg_en.train.00.jsonl.xz \\
         --val-data ../shared/data/corpus/gutenberg_en/gutenberg_en.val.jsonl.xz
+    python benchmarks/quality.py --config micro --tokens 1e6 --rounds 4 --seeds 0 1 2 --tag 1M_paper \\
+        --mf-set weighting=paper --data ... --val-data ...
 
 Both models follow the training recipe (memoryformer.train) with their default LRs (MemoryFormer 3x the dense
-control's) and the same seed, so they see identical batches. Training runs in rounds: each model in turn advances
-to the next token milestone (`--rounds` of them), and after every round both are evaluated on the same fixed
-validation windows and the results files are rewritten. So an interrupted benchmark still reports an equal-token
+control's) and the same seed, so they see identical batches. Training runs in rounds (memoryformer.studies.rounds):
+each model in turn advances to the next token milestone (`--rounds` of them), both are evaluated on the same fixed
+validation windows, and the results files are rewritten. An interrupted benchmark still reports an equal-token
 comparison (mid-schedule, marked as such), and re-running the same command continues where it stopped.
 
-Variants of the MemoryFormer side: `--mf-set weighting=paper` (repeatable) trains the preset with those fields
-changed, in its own run folder, against the same dense control: a dense run already in OUT is reused (its
-validation loss at each milestone is read from its metrics.jsonl), so only the MemoryFormer variant trains.
-`--max-rounds N` stops after the first N milestones of the schedule (the comparison is then mid-schedule).
+Variants of the MemoryFormer side: `--mf-set KEY=VALUE` changes a model field, `--train-set KEY=VALUE` a training
+field of the MemoryFormer run only (e.g. table_optim=rowwise); each variant trains in its own run folder against the
+same dense control, which trains once per seed and is reused by every variant (`--dense-from JSON` takes its numbers
+from an earlier results file of the same schedule instead). `--max-rounds N` stops after the first N milestones.
+`--seeds S ...` repeats the comparison for each seed (run folders OUT/seed<S>/) and adds a summary with the mean and
+spread over seeds of the final validation PPLs and of the MemoryFormer / dense ratio.
 
-Writes benchmarks/results/quality_<config>_<device>[_<tag>].{json,md}.
+Writes benchmarks/results/quality_<config>_<device>[_<tag>][_seed<S>].{json,md} (+ _seeds.{json,md}).
 """
 
 from __future__ import annotations
@@ -25,17 +29,18 @@ import datetime as dt
 import json
 import math
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from memoryformer import checkpoint as ckpt_io
 from memoryformer import data as data_mod
 from memoryformer.config import DENSE_CONTROL, get_config
 from memoryformer.flops import forward_flops_per_token
-from memoryformer.train import TrainConfig, default_lr, resume_config, train
+from memoryformer.studies.rounds import Contender, Interrupted, milestones, run_rounds
+from memoryformer.train import TrainConfig, default_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_timing import device_name  # noqa: E402
@@ -43,7 +48,7 @@ from kernel_timing import device_name  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def main(argv=None) -> dict:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="micro", choices=sorted(DENSE_CONTROL), help="MemoryFormer preset")
     ap.add_argument("--tokens", type=float, default=5e6, help="training tokens per model (default 5e6)")
@@ -57,130 +62,141 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-tokens", type=int, default=131072, help="validation tokens per comparison")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="repeat for each seed and summarise")
     ap.add_argument("--results", default=str(RESULTS), help="folder for quality_*.{json,md}")
     ap.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names: quality_<config>_<device>_<tag>")
     ap.add_argument("--mf-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change a field of the MemoryFormer preset (repeatable), e.g. weighting=paper")
+                    help="change a model field of the MemoryFormer preset (repeatable), e.g. weighting=paper")
+    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a training field of the MemoryFormer run (repeatable), e.g. table_optim=rowwise")
     ap.add_argument("--max-rounds", type=int, default=None, help="stop after this many milestones")
     ap.add_argument("--dense-from", metavar="JSON", default=None,
-                    help="take the dense control's validation numbers from an earlier results file of the same "
-                         "schedule instead of training it again")
+                    help="take the dense control's numbers from an earlier results file of the same schedule")
     args = ap.parse_args(argv)
+    args.mf_over, args.train_over = _pairs(ap, "--mf-set", args.mf_set), _pairs(ap, "--train-set", args.train_set)
+    return ap, args
 
-    overrides = {}
-    for item in args.mf_set:
+
+def _pairs(ap, flag: str, items: list[str]) -> dict:
+    out = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            ap.error(f"--mf-set: expected KEY=VALUE, got {item!r}")
+            ap.error(f"{flag}: expected KEY=VALUE, got {item!r}")
         try:
-            overrides[key] = json.loads(value)
+            out[key] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key] = value
-    mf_cfg = get_config(args.config, **overrides)
-    dense_name = DENSE_CONTROL[args.config]
-    dense_cfg = get_config(dense_name)
-    seq_len = args.seq_len or mf_cfg.max_seq_len
-    tokens_per_step = args.batch_size * seq_len
-    total_steps = max(1, math.ceil(args.tokens / tokens_per_step))
-    milestones = sorted({max(1, round(total_steps * (i + 1) / args.rounds)) for i in range(args.rounds)})
-    out = Path(args.out)
-    dev_tag = "cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu"
+            out[key] = value
+    return out
+
+
+def main(argv=None) -> dict:
+    ap, args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in argv)
+    dev = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     res_dir = Path(args.results)
     res_dir.mkdir(parents=True, exist_ok=True)
-    stem = res_dir / f"quality_{args.config}_{dev_tag}{'_' + args.tag if args.tag else ''}"
-    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    stem = f"quality_{args.config}_{dev}{'_' + args.tag if args.tag else ''}"
+    seeds = args.seeds or [args.seed]
+    per_seed = {}
+    try:
+        for seed in seeds:
+            out = Path(args.out) / f"seed{seed}" if args.seeds else Path(args.out)
+            per_seed[seed] = run_seed(ap, args, seed, out, res_dir / (stem + (f"_seed{seed}" if args.seeds else "")),
+                                      command, dev)
+    except Interrupted:
+        raise SystemExit(130) from None
+    if args.seeds:
+        return write_seeds(res_dir / f"{stem}_seeds", args, command, per_seed)
+    return per_seed[seeds[0]]
 
+
+def _variant_dir(config: str, mf_over: dict, train_over: dict) -> str:
+    return f"{config}-memoryformer" + "".join(f"-{k}={v}" for k, v in {**mf_over, **train_over}.items())
+
+
+def run_seed(ap, args, seed: int, out: Path, stem: Path, command: str, dev: str) -> dict:
+    mf_cfg, dense_cfg = get_config(args.config, **args.mf_over), get_config(DENSE_CONTROL[args.config])
+    seq_len = args.seq_len or mf_cfg.max_seq_len
+    total_steps = max(1, math.ceil(args.tokens / (args.batch_size * seq_len)))
+    marks = milestones(total_steps, args.rounds)[: args.max_rounds]
     base = TrainConfig(
         data=args.data, val_data=args.val_data, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         seq_len=seq_len, max_steps=total_steps, eval_every=0, eval_tokens=args.eval_tokens, log_every=10,
-        ckpt_every=0, keep_checkpoints=1, seed=args.seed, device=args.device, progress=sys.stderr.isatty(),
+        ckpt_every=0, keep_checkpoints=1, seed=seed, device=args.device, progress=sys.stderr.isatty(),
     )
-    mf_label = args.config + "".join(f" {k}={v}" for k, v in overrides.items())
-    models = {"memoryformer": (mf_label, mf_cfg), "dense": (dense_name, dense_cfg)}
-    mf_dir = f"{args.config}-memoryformer" + "".join(f"-{k}={v}" for k, v in overrides.items())
+    mf_label = args.config + "".join(f" {k}={v}" for k, v in {**args.mf_over, **args.train_over}.items())
+    contenders = [Contender("memoryformer", mf_cfg, out / _variant_dir(args.config, args.mf_over, args.train_over),
+                            dict(args.train_over))]
+    dense_rows = _dense_from(ap, args, total_steps, seq_len) if args.dense_from else None
+    if dense_rows is None:
+        contenders.append(Contender("dense", dense_cfg, out / f"{args.config}-dense"))
+    info = {"memoryformer": {"preset": mf_label, "lr": default_lr(mf_cfg), "params": None, "tokens_per_s": None},
+            "dense": {"preset": DENSE_CONTROL[args.config], "lr": default_lr(dense_cfg), "params": None,
+                      "tokens_per_s": None}}
+    if dense_rows is not None:
+        info["dense"].update(dense_rows.pop("_model"))
     rows: list[dict] = []
-    prev = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else None
-    if prev and prev.get("command") == command:
-        rows = prev.get("milestones", [])
-    info = {k: {"preset": n, "lr": default_lr(c), "params": None, "tokens_per_s": None} for k, (n, c) in models.items()}
     t_start = time.time()
-    dense_rows = None
-    if args.dense_from:
-        prior = json.loads(Path(args.dense_from).read_text())
-        for key, want in (("total_steps", total_steps), ("batch_size", args.batch_size), ("seq_len", seq_len),
-                          ("eval_tokens", args.eval_tokens)):
-            if prior.get(key) != want:
-                ap.error(f"--dense-from: {args.dense_from} has {key}={prior.get(key)!r}, this run {want!r}")
-        dense_rows = {r["step"]: r["dense"] for r in prior["milestones"]}
-        info["dense"].update(prior["models"]["dense"])
-    for ms in milestones[: args.max_rounds]:
-        if any(r["step"] == ms for r in rows):
-            continue
-        row = {"step": ms, "tokens": ms * tokens_per_step, "schedule_done": ms == total_steps}
-        for key, (name, cfg) in models.items():
-            if key == "dense" and dense_rows is not None:
-                if ms not in dense_rows:
-                    ap.error(f"--dense-from: {args.dense_from} has no dense result at step {ms}")
-                row[key] = dense_rows[ms]
-                continue
-            run = out / (mf_dir if key == "memoryformer" else f"{args.config}-{key}")
-            found = ckpt_io.find_checkpoint(run, required=False)
-            if found is not None:
-                _, tcfg, _ = resume_config(run, cfg)
-                done = json.loads((found / ckpt_io.TRAINER).read_text())["step"]
-                if done < ms:
-                    s = train(None, tcfg.replace(stop_after=ms, progress=base.progress), resume=run)
-                else:
-                    s = _summary_at(run, ms)
-            else:
-                s = train(cfg, base.replace(out=str(run), stop_after=ms))
-            if s["stopped_by"] == "interrupt":  # Ctrl-C / SIGTERM: the checkpoint is saved; rerun to continue
-                raise SystemExit(130)
-            info[key]["params"] = s["params"]
-            info[key]["tokens_per_s"] = s["tokens_per_s"]
-            vl = s["val_loss"]  # the trainer's evaluation at the milestone: the same fixed windows for both models
-            row[key] = {"val_loss": round(vl, 5), "val_ppl": round(math.exp(vl), 3), "train_loss": s["train_loss"]}
+    geometry = dict(seq_len=seq_len, total_steps=total_steps, seed=seed, configs=(mf_cfg, dense_cfg))
+
+    def on_round(ms: int, got: dict) -> None:
+        row = {"step": ms, "tokens": ms * args.batch_size * seq_len, "schedule_done": ms == total_steps}
+        for key, s in got.items():
+            info[key]["params"], info[key]["tokens_per_s"] = s["params"], s["tokens_per_s"]
+            row[key] = {"val_loss": round(s["val_loss"], 5), "val_ppl": round(math.exp(s["val_loss"]), 3),
+                        "train_loss": s["train_loss"]}
+        if dense_rows is not None:
+            if ms not in dense_rows:
+                ap.error(f"--dense-from: {args.dense_from} has no dense result at step {ms}")
+            row["dense"] = dense_rows[ms]
         row["ppl_ratio"] = round(row["memoryformer"]["val_ppl"] / row["dense"]["val_ppl"], 4)
         rows.append(row)
-        write(stem, args, command, mf_cfg, dense_cfg, seq_len, total_steps, rows, info, t_start)
-        print(f"[{ms}/{total_steps} steps] MF val ppl {row['memoryformer']['val_ppl']:.2f}, "
+        write(stem, args, command, dev, geometry, rows, info, t_start)
+        print(f"[seed {seed}, {ms}/{total_steps} steps] MF val ppl {row['memoryformer']['val_ppl']:.2f}, "
               f"dense {row['dense']['val_ppl']:.2f}, ratio {row['ppl_ratio']:.3f}", flush=True)
-    return write(stem, args, command, mf_cfg, dense_cfg, seq_len, total_steps, rows, info, t_start)
+
+    run_rounds(contenders, base, marks, on_round, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return write(stem, args, command, dev, geometry, rows, info, t_start)
 
 
-def _summary_at(run: Path, step: int) -> dict:
-    """A finished (or further trained) run's numbers at an earlier milestone: the validation loss the trainer logged
-    when it stopped there (metrics.jsonl), with the run's parameter counts and throughput (summary.json)."""
-    summary = json.loads((run / "summary.json").read_text())
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("step") == step and "val_loss" in rec:
-            return {**summary, "val_loss": rec["val_loss"], "train_loss": rec.get("loss"), "stopped_by": "done"}
-    raise SystemExit(f"{run}: no validation loss logged at step {step} (trained with a different schedule?)")
+def _dense_from(ap, args, total_steps: int, seq_len: int) -> dict:
+    prior = json.loads(Path(args.dense_from).read_text())
+    for key, want in (("total_steps", total_steps), ("batch_size", args.batch_size), ("seq_len", seq_len),
+                      ("eval_tokens", args.eval_tokens)):
+        if prior.get(key) != want:
+            ap.error(f"--dense-from: {args.dense_from} has {key}={prior.get(key)!r}, this run {want!r}")
+    rows = {r["step"]: r["dense"] for r in prior["milestones"]}
+    rows["_model"] = {k: v for k, v in prior["models"]["dense"].items() if k != "flops_per_token"}
+    return rows
 
 
-def write(stem, args, command, mf_cfg, dense_cfg, seq_len, total_steps, rows, info, t_start) -> dict:
+def write(stem: Path, args, command: str, dev: str, geo: dict, rows: list[dict], info: dict, t_start: float) -> dict:
     last = rows[-1] if rows else None
+    mf_cfg, dense_cfg = geo["configs"]
     result = {
         "benchmark": "quality at equal tokens",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": device_name(torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")),
+        "device": device_name(torch.device(dev)),
         "torch": torch.__version__,
         "command": command,
         "config": args.config,
+        "mf_overrides": args.mf_over,
+        "train_overrides": args.train_over,
+        "seed": geo["seed"],
         "data": data_mod.describe(args.data, args.val_data),
-        "seq_len": seq_len,
+        "seq_len": geo["seq_len"],
         "batch_size": args.batch_size,
-        "tokens_per_step": args.batch_size * seq_len,
-        "total_steps": total_steps,
-        "planned_tokens": total_steps * args.batch_size * seq_len,
+        "tokens_per_step": args.batch_size * geo["seq_len"],
+        "total_steps": geo["total_steps"],
+        "planned_tokens": geo["total_steps"] * args.batch_size * geo["seq_len"],
         "eval_tokens": args.eval_tokens,
+        "dense_from": args.dense_from,
         "wall_s_this_invocation": round(time.time() - t_start, 1),
-        "models": {
-            k: {**v, "flops_per_token": forward_flops_per_token(c, seq_len)}
-            for (k, v), c in zip(info.items(), (mf_cfg, dense_cfg))
-        },
+        "models": {k: {**v, "flops_per_token": forward_flops_per_token(c, geo["seq_len"])}
+                   for (k, v), c in zip(info.items(), (mf_cfg, dense_cfg))},
         "milestones": rows,
         "complete": bool(last and last["schedule_done"]),
         "final": last,
@@ -189,38 +205,77 @@ def write(stem, args, command, mf_cfg, dense_cfg, seq_len, total_steps, rows, in
         "notes": args.note,
     }
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(_markdown(result, info)) + "\n")
+    return result
+
+
+def _markdown(r: dict, info: dict) -> list[str]:
     lines = [
-        f"# Quality: MF-{args.config} vs {info['dense']['preset']} at equal tokens",
+        f"# Quality: MF-{info['memoryformer']['preset']} vs {info['dense']['preset']} at equal tokens (seed {r['seed']})",
         "",
-        f"- date: {result['date']}; device: {result['device']}; torch {result['torch']}",
-        f"- command: `{command}`",
-        f"- data: train {', '.join(result['data']['train']['sources'])}; val {', '.join(result['data']['val']['sources'])}"
-        f" ({args.eval_tokens:,} fixed validation tokens per comparison)",
-        f"- schedule: {total_steps} steps x {args.batch_size} x {seq_len} = {result['planned_tokens']:,} tokens per model, "
-        f"cosine, 1 % warmup; peak LR MF {info['memoryformer']['lr']:g}, dense {info['dense']['lr']:g}; same seed and batches",
+        f"- date: {r['date']}; device: {r['device']}; torch {r['torch']}",
+        f"- command: `{r['command']}`",
+        f"- data: train {', '.join(r['data']['train']['sources'])}; val {', '.join(r['data']['val']['sources'])}"
+        f" ({r['eval_tokens']:,} fixed validation tokens per comparison)",
+        f"- schedule: {r['total_steps']} steps x {r['batch_size']} x {r['seq_len']} = {r['planned_tokens']:,} tokens "
+        f"per model, cosine, 1 % warmup; peak LR MF {info['memoryformer']['lr']:g}, dense {info['dense']['lr']:g}; "
+        "same seed and batches" + (f"; dense numbers from {r['dense_from']}" if r["dense_from"] else ""),
         "",
         "| step | tokens | MF val PPL | dense val PPL | MF / dense | note |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        note = "end of schedule" if r["schedule_done"] else "mid-schedule (LR not yet decayed)"
-        lines.append(
-            f"| {r['step']} | {r['tokens']:,} | {r['memoryformer']['val_ppl']:.2f} | {r['dense']['val_ppl']:.2f} | "
-            f"{r['ppl_ratio']:.3f} | {note} |"
-        )
+    for m in r["milestones"]:
+        note = "end of schedule" if m["schedule_done"] else "mid-schedule (LR not yet decayed)"
+        lines.append(f"| {m['step']} | {m['tokens']:,} | {m['memoryformer']['val_ppl']:.2f} | "
+                     f"{m['dense']['val_ppl']:.2f} | {m['ppl_ratio']:.3f} | {note} |")
     lines += ["", "| model | dense params | table params | fwd FLOPs/token | train tokens/s |", "|---|---|---|---|---|"]
-    for k, v in result["models"].items():
+    for v in r["models"].values():
         p = v["params"] or {}
         tps = f"{v['tokens_per_s']:,.0f}" if v["tokens_per_s"] else "-"
         lines.append(f"| {v['preset']} | {p.get('dense', 0) / 1e6:.2f} M | {p.get('table', 0) / 1e6:.2f} M | "
                      f"{v['flops_per_token'] / 1e6:.2f} M | {tps} |")
-    lines += ["", f"Goal: {result['goal']}. "
-              + ("Status: run incomplete." if not result["complete"] else f"Met: {'yes' if result['goal_met'] else 'no'}"
-                 f" (ratio {last['ppl_ratio']:.3f}).")]
-    if args.note:
-        lines += ["", "Notes:", "", *[f"- {n}" for n in args.note]]
+    last = r["final"]
+    lines += ["", f"Goal: {r['goal']}. " + ("Status: run incomplete." if not r["complete"] else
+              f"Met: {'yes' if r['goal_met'] else 'no'} (ratio {last['ppl_ratio']:.3f}).")]
+    if r["notes"]:
+        lines += ["", "Notes:", "", *[f"- {n}" for n in r["notes"]]]
+    return lines
+
+
+def spread(xs: list[float]) -> dict:
+    """Mean, sample standard deviation and range of a few per-seed numbers."""
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def write_seeds(stem: Path, args, command: str, per_seed: dict[int, dict]) -> dict:
+    done = {s: r for s, r in per_seed.items() if r["complete"]}
+    keys = {"mf_ppl": lambda r: r["final"]["memoryformer"]["val_ppl"], "dense_ppl": lambda r: r["final"]["dense"]["val_ppl"],
+            "ratio": lambda r: r["final"]["ppl_ratio"]}
+    stats = {k: spread([f(r) for r in done.values()]) for k, f in keys.items()} if done else {}
+    any_r = next(iter(per_seed.values()))
+    out = {"benchmark": "quality at equal tokens over seeds", "command": command, "config": args.config,
+           "mf_overrides": args.mf_over, "train_overrides": args.train_over, "device": any_r["device"],
+           "date": any_r["date"], "planned_tokens": any_r["planned_tokens"], "seeds": sorted(per_seed),
+           "complete_seeds": sorted(done), "per_seed": {str(s): r["final"] for s, r in per_seed.items()},
+           "tokens_per_s": {k: [r["models"][k]["tokens_per_s"] for r in per_seed.values()] for k in ("memoryformer", "dense")},
+           "stats": stats}
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    label = any_r["models"]["memoryformer"]["preset"]
+    lines = [f"# Quality over seeds: MF-{label} vs {any_r['models']['dense']['preset']}, "
+             f"{any_r['planned_tokens']:,} tokens each", "",
+             f"- date: {out['date']}; device: {out['device']}", f"- command: `{command}`", "",
+             "| seed | MF val PPL | dense val PPL | MF / dense |", "|---|---|---|---|"]
+    for s, r in sorted(per_seed.items()):
+        f = r["final"]
+        lines.append(f"| {s} | {f['memoryformer']['val_ppl']:.2f} | {f['dense']['val_ppl']:.2f} | {f['ppl_ratio']:.4f} |"
+                     + ("" if r["complete"] else " (incomplete)"))
+    if stats:
+        fmt = lambda st, p: f"{st['mean']:.{p}f} ± {st['std']:.{p}f} (range {st['min']:.{p}f}–{st['max']:.{p}f})"  # noqa: E731
+        lines += ["", f"Over {len(done)} seeds (mean ± sample std): MF {fmt(stats['mf_ppl'], 2)}, dense "
+                      f"{fmt(stats['dense_ppl'], 2)}, MF / dense {fmt(stats['ratio'], 4)}."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return result
+    return out
 
 
 if __name__ == "__main__":
