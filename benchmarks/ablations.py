@@ -17,13 +17,13 @@ import json
 import time
 from pathlib import Path
 
-from memoryformer import ablate
+from memoryformer.studies import ablate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (suite, variant): the shared baseline, the paper-vs-code weighting question, Table 5's extremes, then the rest.
 SCHEDULE = [
     ("expand-bits", "bits=2"), ("weighting", "paper, t=1"), ("expand-bits", "bits=0"), ("expand-bits", "bits=3"),
-    ("expand-bits", "bits=1"), ("weighting", "paper, t=0.5"), ("weighting", "code, t=0.5"), ("gelu", "GeLU"),
+    ("expand-bits", "bits=1"), ("weighting", "paper, t=0.5"), ("weighting", "release, t=0.5"), ("gelu", "GeLU"),
 ]
 
 

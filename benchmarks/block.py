@@ -120,7 +120,7 @@ def main(argv=None):
             for b, blk in mfs.items():  # an explicit backend that would fall back to another is not measured
                 layer = next(m for m in blk.modules() if isinstance(m, MemoryLayer))
                 with torch.set_grad_enabled(mode != "fwd"):
-                    ran = layer.kernel()
+                    ran = layer.active_backend()
                 if ran != b.removesuffix("-unfused") and b != "auto":
                     print(f"  ({b} {mode} d={d}: not available here, would run {ran!r})", file=sys.stderr)
                     times[b] = float("nan")

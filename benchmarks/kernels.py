@@ -86,7 +86,7 @@ def bench_layers(args, device, dtype) -> list[str]:
                 times = {}
                 for b, m in mems.items():  # an explicit backend that would fall back to another is not measured
                     with torch.set_grad_enabled(mode != "fwd"):
-                        ran = m.kernel()
+                        ran = m.active_backend()
                     if ran != b.removesuffix("-unfused"):
                         times[b] = float("nan")
                         print(f"  ({b} {mode} d={d} n={n}: not available here, would run {ran!r})", file=sys.stderr)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import memoryformer
+from memoryformer.data import eval_starts
+from memoryformer.evaluate import window_nll
 from memoryformer.layers import MemoryLayer, to_inference
 
 VARIANTS = ("float32", "bfloat16", "int8")
@@ -41,18 +42,11 @@ def read_tokens(args) -> np.ndarray:
     return val_tokens(args.data)
 
 
-@torch.no_grad()
 def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch: int, device) -> tuple[float, int]:
-    n_win = max(1, min((len(tokens) - 1) // seq_len, max_tokens // seq_len))
-    starts = np.linspace(0, len(tokens) - seq_len - 1, n_win).astype(np.int64) if n_win > 1 else np.zeros(1, np.int64)
-    total, count = 0.0, 0
-    for i in range(0, n_win, batch):
-        rows = [np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts[i : i + batch]]
-        w = torch.from_numpy(np.stack(rows)).to(device)
-        logits, _ = model(w[:, :-1])
-        total += F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
-        count += w[:, 1:].numel()
-    return math.exp(total / count), count
+    """Validation perplexity over windows spread evenly over the tokens, as training's validation scores them."""
+    starts = eval_starts(len(tokens), seq_len, max_tokens)
+    nll, n = window_nll(model, tokens, starts, seq_len, batch, device)
+    return math.exp(nll / n), n
 
 
 def table_bytes(model) -> int:

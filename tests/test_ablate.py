@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import memoryformer as mf
-from memoryformer import ablate
 from memoryformer.cli import main as cli_main
 from memoryformer.config import DENSE_CONTROL
+from memoryformer.studies import ablate
 
 
 @pytest.mark.parametrize("scale", ["micro", "tiny"])
@@ -46,7 +46,7 @@ def test_ordering_against_the_papers_numbers():
     gelu = ablate.suites()["gelu"]  # the paper's metric there is accuracy: higher is better
     o = ablate.ordering(gelu, [dict(name="no activation", paper=0.404, val_ppl=20.0), dict(name="GeLU", paper=0.402, val_ppl=21.0)])
     assert o["holds"] and o["best_paper"] == "no activation"
-    assert ablate.ordering(ablate.suites()["weighting"], [dict(name="code, t=1", paper=None, val_ppl=5.0)])["holds"] is None
+    assert ablate.ordering(ablate.suites()["weighting"], [dict(name="release, t=1", paper=None, val_ppl=5.0)])["holds"] is None
 
 
 @pytest.fixture

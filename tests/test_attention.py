@@ -14,7 +14,7 @@ from memoryformer.attention import (
     PerformerAttention,
     causal_linear_attention,
 )
-from memoryformer.model import Rotary, causal_attention
+from memoryformer.model import Rotary, attention
 
 BASELINES = ["linformer", "cosformer", "performer"]
 
@@ -76,7 +76,7 @@ def test_linformer_reduces_to_softmax_attention_in_its_limits(k):
         att.E.fill_(1.0)
         att.F.fill_(1.0)
     qkv = torch.randn(2, 16, 3 * 16)
-    assert torch.allclose(att(qkv), causal_attention(qkv, 2, rot), atol=1e-5)
+    assert torch.allclose(att(qkv), attention(qkv, 2, rot), atol=1e-5)
 
 
 def test_performer_features_estimate_the_softmax_kernel():

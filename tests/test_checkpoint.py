@@ -161,7 +161,7 @@ def test_cli_export_int8_and_refusals(tmp_path, capsys):
     x = torch.randint(0, 64, (1, 8))
     with torch.no_grad():  # the same model as converting in memory
         assert torch.equal(loaded(x)[0], mf.to_inference(model.eval(), "int8")(x)[0])
-    for argv, msg in (([], "exists and is not empty"), (["--hf", "--tables", "int8", "--force"], "drop --tables or --hf")):
+    for argv, msg in (([], "exists and is not an empty folder"), (["--hf", "--tables", "int8", "--force"], "drop --tables or --hf")):
         with pytest.raises(SystemExit) as e:
             cli_main(["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "q"), *argv])
         assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -1,52 +1,62 @@
-"""`memoryformer demo`: both models train on the same tokens; the report has the table, curves and samples."""
+"""`memoryformer demo`: both models train on the same tokens; the budget never depends on the machine's load."""
 
 import json
 
 import pytest
+from helpers import TINY
 
 from memoryformer.cli import main as cli_main
-from memoryformer.demo import run_demo
-
-TINY = dict(n_layer=1, d_model=32, n_head=2, max_seq_len=32)
-
-
-@pytest.fixture
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MEMORYFORMER_CACHE", str(tmp_path_factory.getbasetemp() / "democache"))
+from memoryformer.studies import demo as demo_mod
+from memoryformer.studies.demo import budget_tokens, run_demo
 
 
 @pytest.mark.slow
-def test_demo_report_compares_both_models_at_equal_tokens(tmp_path, cache, capsys):
+def test_demo_report_compares_both_models_at_equal_tokens(tmp_path, capsys):
     rep = run_demo(out=str(tmp_path / "demo"), tokens=20 * 4 * 32, batch_size=4, eval_tokens=256, progress=False,
                    overrides=TINY)
     out = tmp_path / "demo"
     assert [r["preset"] for r in rep["rows"]] == ["micro", "micro-dense"]
     mf_row, dense_row = rep["rows"]
-    assert mf_row["tokens"] == dense_row["tokens"] == 20 * 4 * 32
+    assert mf_row["tokens"] == dense_row["tokens"] == rep["tokens"] == 20 * 4 * 32
     assert mf_row["table_params"] > 0 and dense_row["table_params"] == 0
     recs = {k: [json.loads(x) for x in (out / k / "metrics.jsonl").read_text().splitlines()] for k in ("mf", "dense")}
     for r, key in zip(rep["rows"], ("mf", "dense")):
         val = [x["val_loss"] for x in recs[key] if "val_loss" in x]
-        assert len(val) == 5 and val[-1] < val[0]  # both learn
+        assert len(val) == 5 and val[-1] < val[0]  # five milestones, both learn
         assert r["val_loss"] == pytest.approx(val[-1], abs=1e-5) and r["sample"]
+        assert (out / key / "final" / "model.safetensors").is_file()  # always a final/ checkpoint
     # Same seed, same batches: identical data order for both models.
     assert [r["tokens"] for r in recs["mf"]] == [r["tokens"] for r in recs["dense"]]
     md = (out / "report.md").read_text()
     assert "| MemoryFormer (micro) |" in md and "| dense control (micro-dense) |" in md and "loss.png" in md
+    assert "**At 2,560 tokens per model this comparison is inconclusive" in md and not rep["conclusive"]
+    assert f"Validation: {rep['eval_tokens']:,} tokens" in md and "--max-tokens" in md  # which windows were scored
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "val PPL" in printed and f"Report: {out / 'report.md'}" in printed
 
 
+def test_demo_eval_command_reproduces_its_validation(tmp_path, capsys):
+    """The report's `memoryformer eval` line scores the same windows, so it prints the same perplexity."""
+    rep = run_demo(out=str(tmp_path / "d"), tokens=4 * 4 * 32, batch_size=4, eval_tokens=128, progress=False,
+                   overrides=TINY)
+    ck = rep["rows"][0]["checkpoint"]
+    cli_main(["eval", "--checkpoint", ck, "--data", "sample", "--max-tokens", str(rep["eval_tokens"]),
+              "--seq-len", "32", "--json", "--no-progress"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["tokens"] == rep["eval_tokens"] and out["ppl"] == pytest.approx(rep["rows"][0]["val_ppl"], rel=1e-5)
+
+
+def test_budget_comes_from_the_idle_calibration_not_from_timing(monkeypatch):
+    a = budget_tokens(10, ["micro", "micro-dense"], 8, 256)
+    assert a % (8 * 256) == 0 and 300_000 < a < 1_000_000
+    assert budget_tokens(20, ["micro", "micro-dense"], 8, 256) > 1.9 * a  # twice the minutes, twice the tokens
+    monkeypatch.setitem(demo_mod.IDLE_TOKENS_PER_S, "micro", 1050.0)  # a slower model gets fewer tokens
+    assert budget_tokens(10, ["micro", "micro-dense"], 8, 256) < a
+
+
 def test_demo_bad_arguments_exit_2(capsys):
-    for argv in (["demo", "--minutes", "0"], ["demo", "--tokens", "0"]):
+    for argv in (["demo", "--minutes", "0"], ["demo", "--tokens", "0"], ["demo", "--minutes", "nan"]):
         with pytest.raises(SystemExit) as e:
             cli_main(argv)
         assert e.value.code == 2 and "error:" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_demo_fits_its_token_budget_to_the_time(tmp_path, cache, capsys):
-    rep = run_demo(minutes=0.75, out=str(tmp_path / "d"), batch_size=4, eval_tokens=256, progress=False, overrides=TINY)
-    assert rep["tokens"] > 0 and rep["minutes"] < 3.0
-    assert "training tokens per model to fit" in capsys.readouterr().out

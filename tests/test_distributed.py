@@ -1,7 +1,6 @@
 """torchrun with 2 CPU ranks (gloo): both ranks end with the same parameters, equal to a 1-process run."""
 
 import json
-import lzma
 import os
 import subprocess
 import sys
@@ -11,20 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import memoryformer as mf
-from memoryformer import data as data_mod
 from memoryformer.train import TrainConfig, train
 
 MODEL = ["n_layer=1", "d_model=32", "n_head=2", "max_seq_len=32"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dcorpus")
-    with lzma.open(data_mod.SAMPLE_FILES["val"], "rt", encoding="utf-8") as f:
-        books = [json.loads(line)["text"] for line in f]
-    (d / "toy.train.jsonl").write_text(json.dumps({"text": books[0][:30_000]}) + "\n")
-    (d / "toy.val.jsonl").write_text(json.dumps({"text": books[1][:8_000]}) + "\n")
-    return d
 
 
 def launch(*cli_args):

@@ -10,69 +10,13 @@ import torch.nn.functional as F
 import memoryformer as mf
 from memoryformer import evaluate as ev
 from memoryformer.cli import main as cli_main
-
-# Two hand-made examples per benchmark, in the field layout of ../shared/data/eval.
-SAMPLE_DOCS = {
-    "piqa_validation.jsonl": [
-        {"goal": "How do I dry wet shoes?", "sol1": "Stuff them with newspaper.", "sol2": "Put them in the freezer.", "label": 0},
-        {"goal": "To open a jar", "sol1": "twist the lid clockwise", "sol2": "twist the lid counterclockwise", "label": 1},
-    ],
-    "winogrande_partial.jsonl": [
-        {"contexts": ["The trophy did not fit in the case because the trophy", "The trophy did not fit in the case because the case"],
-         "continuation": "was too big.", "label": 0},
-        {"contexts": ["Anna helped Maria because Anna", "Anna helped Maria because Maria"], "continuation": "needed help.", "label": 1},
-    ],
-    "superglue_wsc_val.jsonl": [
-        {"text": "Mark told Pete many lies about himself , which Pete included in his book . He should have been more skeptical .",
-         "span1_index": 0, "span2_index": 15, "span1_text": "Mark", "span2_text": "He", "idx": 0, "label": 0},
-        {"text": "The dog chased the cat , which ran up a tree . It waited at the top .",
-         "span1_index": 4, "span2_index": 12, "span1_text": "cat", "span2_text": "It", "idx": 1, "label": 1},
-    ],
-    "arc_easy_test.jsonl": [
-        {"question": "Which is a liquid?", "choices": {"text": ["ice", "water", "steam", "rock"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
-        {"question": "What do plants need?", "choices": {"text": ["light", "sand", "noise"], "label": ["1", "2", "3"]}, "answerKey": "1"},
-    ],
-    "arc_challenge_test.jsonl": [
-        {"question": "Which gas do plants take in?", "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
-        {"question": "What is 2 + 2?", "choices": {"text": ["3", "4", "5", "22"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
-    ],
-    "logiqa_test.jsonl": [
-        {"label": "c", "context": "All cats are animals. Tom is a cat.", "question": "Which follows?",
-         "options": ["Tom is a dog", "Tom is a plant", "Tom is an animal", "Nothing follows"]},
-        {"label": "a", "context": "If it rains, the road is wet. It rains.", "question": "What is true?",
-         "options": ["The road is wet", "The road is dry", "It is sunny", "Cannot tell"]},
-    ],
-    "lambada_openai_test.jsonl": [
-        {"text": "She opened the door and saw her old friend standing there. \"Hello,\" said her friend"},
-        {"text": "The cat sat on the warm mat all afternoon, purring, until the sun went down behind the hill"},
-    ],
-}
-
-
-def write_benchmarks(d):
-    d.mkdir(parents=True, exist_ok=True)
-    for name, docs in SAMPLE_DOCS.items():
-        (d / name).write_text("".join(json.dumps(x) + "\n" for x in docs), encoding="utf-8")
-    return d
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return write_benchmarks(tmp_path_factory.mktemp("eval"))
+from memoryformer.data import eval_starts
+from memoryformer.evaluate import scoring
 
 
 @pytest.fixture(scope="module")
 def tok():
     return ev.get_tokenizer()
-
-
-def vocab_model(arch="memoryformer", **kw):
-    """Smallest model with the real vocabulary (the benchmarks are tokenized with it)."""
-    torch.manual_seed(0)
-    base = dict(n_layer=1, d_model=32, n_head=2, max_seq_len=64)
-    if arch == "memoryformer":
-        base["tau"] = 8
-    return mf.build_model(mf.get_config("micro" if arch == "memoryformer" else "micro-dense", **{**base, **kw})).eval()
 
 
 # -- prompts -------------------------------------------------------------------------------------------------------
@@ -120,7 +64,7 @@ def test_tasks_aliases_limit_and_unknown_task(bench):
         ev.load_docs("piqa", bench.parent)
 
 
-def test_encode_pair_follows_lm_eval(tok):
+def test_encode_pair_follows_lm_eval(tok, vocab_model):
     enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
     ctx, cont = ev.encode_pair(tok, "Question: hi\nAnswer: ", "yes")  # trailing space moves to the continuation
     assert ctx == enc("Question: hi\nAnswer:") and cont == enc("Question: hi\nAnswer: yes")[len(ctx):]
@@ -156,7 +100,7 @@ def _reference_scores(model, groups):
 
 @pytest.mark.parametrize("arch,kw", [("memoryformer", {}), ("transformer", {}), ("transformer", {"attention": "cosformer"})])
 def test_batched_shared_context_scores_equal_full_forward(arch, kw, monkeypatch):
-    monkeypatch.setattr(ev, "HEAD_ROWS", 3)  # LM-head chunks end inside groups and inside shared prefixes
+    monkeypatch.setattr(scoring, "HEAD_ROWS", 3)  # LM-head chunks end inside groups and inside shared prefixes
     torch.manual_seed(0)
     extra = {"tau": 4} if arch == "memoryformer" else {}
     cfg = mf.get_config("micro" if arch == "memoryformer" else "micro-dense", n_layer=2, d_model=32, n_head=2,
@@ -178,7 +122,7 @@ def test_batched_shared_context_scores_equal_full_forward(arch, kw, monkeypatch)
             assert a == pytest.approx(b, abs=1e-4) and ga == gb
 
 
-def test_greedy_flag_is_true_for_the_models_own_argmax():
+def test_greedy_flag_is_true_for_the_models_own_argmax(vocab_model):
     model = vocab_model(vocab_size=97, max_seq_len=16, d_model=16, tau=4)
     ctx = [5, 6, 7]
     with torch.no_grad():
@@ -190,29 +134,29 @@ def test_greedy_flag_is_true_for_the_models_own_argmax():
 def test_metrics_acc_norm_divides_by_characters():
     docs = [ev.Doc([("q", " a"), ("q", " bbbbbbbbbb")], 1, ["a", "bbbbbbbbbb"])]
     scores = [[(-2.0, False), (-5.0, False)]]  # raw: choice 0 wins; per character: -2/1 < -5/10, choice 1 wins
-    m = ev._metrics("piqa", docs, scores)
+    m = scoring._metrics("piqa", docs, scores)
     assert m == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
-    assert ev._metrics("wsc", docs, scores)["acc_norm"] is None  # lm-eval reports acc only for wsc / winogrande
-    ties = ev._metrics("arc_easy", [ev.Doc([("q", " x"), ("q", " y")], 0, ["x", "y"])], [[(-1.0, 0), (-1.0, 0)]])
+    assert scoring._metrics("wsc", docs, scores)["acc_norm"] is None  # lm-eval reports acc only for wsc / winogrande
+    ties = scoring._metrics("arc_easy", [ev.Doc([("q", " x"), ("q", " y")], 0, ["x", "y"])], [[(-1.0, 0), (-1.0, 0)]])
     assert ties["acc"] == 1.0  # argmax takes the first of equal scores, as numpy
 
 
-def test_evaluate_tasks_end_to_end(bench):
+def test_evaluate_tasks_end_to_end(bench, vocab_model):
     model = vocab_model()
     res = ev.evaluate_tasks(model, "all", data_dir=bench, progress=False)
     assert list(res) == list(ev.ALL_TASKS)
     for task, r in res.items():
-        assert r["n"] == 2 and 0.0 <= r["acc"] <= 1.0
+        assert r["n"] == 3 and 0.0 <= r["acc"] <= 1.0
         assert (r["acc_norm"] is not None) == ("acc_norm" in ev.TASKS[task].metrics)
     assert res["lambada_openai"]["ppl"] > 1.0
     # lambada ppl is exp(-mean log-likelihood of the last word)
     docs = ev.load_docs("lambada_openai", bench)
     lls = ev.loglikelihood(model, ev.get_tokenizer(), [d.pairs[0] for d in docs], progress=False)
-    assert res["lambada_openai"]["ppl"] == pytest.approx(math.exp(-sum(x for x, _ in lls) / 2), rel=1e-5)
+    assert res["lambada_openai"]["ppl"] == pytest.approx(math.exp(-sum(x for x, _ in lls) / 3), rel=1e-5)
     assert not model.training
 
 
-def test_perplexity_matches_cross_entropy(tmp_path, tok):
+def test_perplexity_matches_cross_entropy(tmp_path, tok, vocab_model):
     path = tmp_path / "t.txt"
     path.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
     model = vocab_model(max_seq_len=32)
@@ -220,20 +164,21 @@ def test_perplexity_matches_cross_entropy(tmp_path, tok):
     ids = tok.encode(path.read_text(), add_special_tokens=False).ids + [0]
     nll, n = 0.0, 0
     with torch.no_grad():
-        for s in range(0, len(ids) - 1, 16):
+        for s in range(0, len(ids) - 16, 16):  # every whole window of 17 tokens, consecutive
             w = torch.tensor(ids[s : s + 17])
             logits, _ = model(w[None, :-1])
             nll += F.cross_entropy(logits[0], w[1:], reduction="sum").item()
-            n += len(w) - 1
-    assert r["tokens"] == n == len(ids) - 1
+            n += 16
+    assert r["tokens"] == n == (len(ids) - 1) // 16 * 16 and r["windows"] == n // 16
     assert r["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
-    capped = ev.perplexity(model, str(path), max_tokens=50, progress=False)
-    assert capped["tokens"] == 50
+    capped = ev.perplexity(model, str(path), max_tokens=64, progress=False)  # 2 windows of 32, spread over the text
+    assert capped["tokens"] == 64 and capped["windows"] == 2 and capped["seq_len"] == 32
+    assert list(eval_starts(len(ids), 32, 64)) == [0, len(ids) - 33]
     with pytest.raises(mf.MemoryFormerError, match="no such file"):
         ev.perplexity(model, str(tmp_path / "nope.txt"), progress=False)
 
 
-def test_cli_eval_json_and_errors(bench, tmp_path, capsys):
+def test_cli_eval_json_and_errors(bench, tmp_path, capsys, vocab_model):
     ck = mf.save_model(vocab_model(), tmp_path / "ck")
     cli_main(["eval", "--checkpoint", str(ck), "--tasks", "piqa,wsc,lambada", "--data-dir", str(bench),
               "--limit", "1", "--json", "--no-progress"])
@@ -242,14 +187,15 @@ def test_cli_eval_json_and_errors(bench, tmp_path, capsys):
     assert set(out["piqa"]) == {"acc", "acc_norm", "n"} and out["piqa"]["n"] == 1
     text = tmp_path / "x.txt"
     text.write_text("Some text to score. " * 30, encoding="utf-8")
-    cli_main(["eval", "--checkpoint", str(ck), "--data", str(text), "--max-tokens", "40", "--json", "--no-progress"])
+    cli_main(["eval", "--checkpoint", str(ck), "--data", str(text), "--max-tokens", "128", "--seq-len", "32", "--json",
+              "--no-progress"])
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"ppl", "tokens"} and out["tokens"] == 40
+    assert set(out) == {"ppl", "nll", "tokens", "windows", "seq_len"} and out["tokens"] == 128 and out["windows"] == 4
     # int8 tables: nearly the same perplexity, not the same bits
-    cli_main(["eval", "--checkpoint", str(ck), "--data", str(text), "--max-tokens", "40", "--json", "--no-progress",
-              "--tables", "int8"])
+    cli_main(["eval", "--checkpoint", str(ck), "--data", str(text), "--max-tokens", "128", "--seq-len", "32", "--json",
+              "--no-progress", "--tables", "int8"])
     q = json.loads(capsys.readouterr().out)
-    assert q["tokens"] == 40 and q["ppl"] == pytest.approx(out["ppl"], rel=0.02) and q["ppl"] != out["ppl"]
+    assert q["tokens"] == 128 and q["ppl"] == pytest.approx(out["ppl"], rel=0.02) and q["ppl"] != out["ppl"]
     for argv, msg in ((["--tasks", "nope"], "unknown task 'nope'"),
                       (["--data-dir", str(tmp_path / "none")], "not a folder")):
         with pytest.raises(SystemExit) as e:

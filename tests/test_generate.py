@@ -36,21 +36,32 @@ def test_stops_at_eos_and_rejects_bad_arguments():
     first = generate(m, idx, 1, temperature=0)[0, -1].item()
     out = generate(m, idx, 10, temperature=0, eos_token=first)
     assert out.shape == (1, 5)
-    with pytest.raises(ValueError, match="top_p"):
-        generate(m, idx, 2, top_p=0)
+    for kw, name in ((dict(top_p=0), "top_p"), (dict(top_k=0), "top_k"), (dict(top_k=-3), "top_k"),
+                     (dict(temperature=float("nan")), "temperature"), (dict(temperature=-1), "temperature")):
+        with pytest.raises(ValueError, match=name):
+            generate(m, idx, 2, **kw)
+    with pytest.raises(ValueError, match="T >= 1"):
+        generate(m, idx[:, :0], 2)
 
 
 def test_cli_generate(tmp_path, capsys):
     from memoryformer.cli import main
+    from memoryformer.data import decode, encode
 
-    torch.manual_seed(0)
-    mf.save_model(mf.MemoryFormer(mf.get_config("micro", n_layer=1, d_model=32, n_head=2, tau=4)), tmp_path / "ck")
+    m = mf.MemoryFormer(mf.get_config("micro", n_layer=1, d_model=32, n_head=2, tau=4))
+    mf.save_model(m, tmp_path / "ck")
     main(["generate", "--checkpoint", str(tmp_path / "ck"), "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0"])
     out = capsys.readouterr().out
-    assert out.startswith("Hello") and len(out.strip()) > len("Hello")
-    with pytest.raises(SystemExit) as e:
-        main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x"])
-    assert e.value.code == 2 and "not a checkpoint directory" in capsys.readouterr().err
+    # exactly the library's greedy continuation of the prompt's tokens, decoded after the prompt
+    want = generate(mf.load(tmp_path / "ck"), torch.tensor([encode("Hello")]), 5, temperature=0, eos_token=0)
+    assert out == "Hello" + decode(want[0, 1:].tolist()) + "\n"
+    for argv, msg in ((["--checkpoint", str(tmp_path / "none"), "--prompt", "x"], "not a checkpoint directory"),
+                      (["--checkpoint", str(tmp_path / "ck"), "--prompt", ""], "prompt: empty"),
+                      (["--checkpoint", str(tmp_path / "ck"), "--prompt", "x", "--top-k", "0"], "top_k"),
+                      (["--checkpoint", str(tmp_path / "ck"), "--prompt", "x", "--temperature", "nan"], "temperature")):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", *argv])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["memoryformer", "transformer"])
@@ -66,21 +77,54 @@ def test_kv_cache_generates_what_the_full_forward_does(arch):
         assert torch.equal(a, b)
 
 
-def test_forward_cached_in_pieces_equals_forward():
-    torch.manual_seed(0)
+def test_static_cache_in_pieces_equals_forward():
     m = model()
     idx = torch.randint(0, 50, (2, 12))
-    full = m.head(m.forward_cached(idx, torch.arange(12).expand(2, 12))[0])
-    torch.testing.assert_close(full, m(idx)[0], atol=1e-5, rtol=1e-5)
-    h1, kv = m.forward_cached(idx[:, :7], torch.arange(7).expand(2, 7))
-    h2, _ = m.forward_cached(idx[:, 7:], torch.arange(7, 12).expand(2, 5), kv)
-    torch.testing.assert_close(m.head(torch.cat((h1, h2), 1)), full, atol=1e-5, rtol=1e-5)
+    full = m(idx)[0]
+    cache = mf.KVCache.for_model(m, 2)
+    k0 = cache.k.data_ptr()
+    h1 = m.hidden(idx[:, :7], cache=cache)
+    h2 = m.hidden(idx[:, 7:10], cache=cache)
+    h3 = m.hidden(idx[:, 10:], cache=cache)
+    assert cache.length == 12 and cache.k.data_ptr() == k0  # written in place, never reallocated
+    torch.testing.assert_close(m.head(torch.cat((h1, h2, h3), 1)), full, atol=1e-5, rtol=1e-5)
+    logits, _ = m(idx[:, :4], cache=mf.KVCache.for_model(m, 2))  # forward takes the cache too
+    torch.testing.assert_close(logits, full[:, :4], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="capacity"):
+        m.hidden(idx[:, :5], cache=cache)  # 12 + 5 > 16
     with pytest.raises(ValueError, match="max_seq_len"):
-        m.forward_cached(idx[:, :1], torch.tensor([[16], [16]]))
+        m.hidden(idx[:, :1], cache=mf.KVCache.for_model(m, 2, capacity=32), pos=torch.tensor([[16], [16]]))
     perf = mf.build_model(mf.get_config("micro-dense", n_layer=1, d_model=32, n_head=2, vocab_size=50, max_seq_len=16,
                                         attention="performer"))
     assert not perf.supports_kv_cache()
     out = generate(perf.eval(), idx[:, :3], 2, temperature=0)  # falls back to the full forward
     assert out.shape == (2, 5)
     with pytest.raises(ValueError, match="no KV-cached path"):
-        perf.forward_cached(idx[:, :3], torch.arange(3).expand(2, 3))
+        perf.hidden(idx[:, :3], cache=mf.KVCache.for_model(perf, 2))
+
+
+def test_cache_rows_and_padding_mask_equal_separate_forwards():
+    """Rows of unequal length in one padded batch (the scorer's layout) see only their own tokens."""
+    m = model()
+    a, b = torch.randint(0, 50, (1, 6)), torch.randint(0, 50, (1, 3))
+    idx = torch.zeros(2, 6, dtype=torch.long)
+    idx[0], idx[1, :3] = a[0], b[0]
+    valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    cache = mf.KVCache.for_model(m, 2, capacity=8)
+    m.hidden(idx, cache=cache, valid=valid)
+    nxt = torch.tensor([[7, 8], [9, 10]])
+    two = cache.rows(torch.tensor([1, 1, 0]))  # row 1 twice, row 0 once
+    h = m.hidden(nxt[[1, 1, 0]], cache=two, pos=torch.tensor([[3, 4], [3, 4], [6, 7]]))
+    want_b = m(torch.cat((b, nxt[1:2]), 1))[0][0, 3:]
+    want_a = m(torch.cat((a, nxt[0:1]), 1))[0][0, 6:]
+    torch.testing.assert_close(m.head(h[0]), want_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.head(h[1]), want_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.head(h[2]), want_a, atol=1e-5, rtol=1e-5)
+
+
+def test_token_ids_outside_the_vocabulary_are_named():
+    m = model()
+    with pytest.raises(ValueError, match="token id 50 is outside the vocabulary"):
+        m(torch.tensor([[1, 50]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        m(torch.tensor([[-1, 2]]))

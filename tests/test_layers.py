@@ -22,7 +22,7 @@ def loop_reference(x, tables, bias, tau, weighting, t):
             p = 1.0
             for zj in z:
                 p /= 1.0 + math.exp(-2.0 * abs(zj) / t)
-            w = p * sum(abs(zj) for zj in z) if weighting == "code" else p
+            w = p * sum(abs(zj) for zj in z) if weighting == "release" else p
             out[n] += w * tables[k, code].double()
     if bias is not None:
         out += bias.double()
@@ -39,12 +39,12 @@ def test_paper_figure2_example():
 def test_sign_of_zero_is_plus_one_and_msb_first():
     codes, weights = chunk_hash(torch.zeros(1, 8), 4)
     assert codes.tolist() == [[15, 15]]
-    assert torch.equal(weights, torch.zeros(1, 2))  # ||0||_1 = 0 under "code" weighting
+    assert torch.equal(weights, torch.zeros(1, 2))  # ||0||_1 = 0 under "release" weighting
     codes, _ = chunk_hash(torch.tensor([[1.0, -1.0, -1.0, -1.0]]), 4)
     assert codes.tolist() == [[8]]  # the first element is the most significant bit
 
 
-@pytest.mark.parametrize("weighting", ["paper", "code"])
+@pytest.mark.parametrize("weighting", ["paper", "release"])
 @pytest.mark.parametrize("t", [1.0, 0.5])
 def test_weights_closed_form(weighting, t):
     torch.manual_seed(0)
@@ -52,14 +52,14 @@ def test_weights_closed_form(weighting, t):
     _, w = chunk_hash(x, 4, weighting=weighting, temperature=t)
     z = x.view(5, 3, 4)
     p = 1.0 / torch.prod(1.0 + torch.exp(-2.0 * z.abs() / t), dim=-1)  # Eq. 10
-    expected = p * z.abs().sum(-1) if weighting == "code" else p
+    expected = p * z.abs().sum(-1) if weighting == "release" else p
     torch.testing.assert_close(w, expected, rtol=1e-12, atol=0)
     if weighting == "paper":
         assert ((w >= 2.0**-4) & (w < 1)).all()  # p lies in [2^-tau, 1)
 
 
 @pytest.mark.parametrize("backend", ["reference", "embedding_bag"])
-@pytest.mark.parametrize("weighting", ["paper", "code"])
+@pytest.mark.parametrize("weighting", ["paper", "release"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_layer_matches_loop_reference(backend, weighting, dtype):
     torch.manual_seed(1)
@@ -82,7 +82,7 @@ def test_backends_agree_on_many_tokens():
 
 
 @pytest.mark.parametrize("backend", ["reference", "embedding_bag"])
-@pytest.mark.parametrize("weighting", ["paper", "code"])
+@pytest.mark.parametrize("weighting", ["paper", "release"])
 def test_gradcheck_through_weights_and_tables(backend, weighting):
     torch.manual_seed(3)
     layer = mf.MemoryLayer(8, 5, tau=4, weighting=weighting, backend=backend).double()
@@ -206,3 +206,13 @@ def test_hash_projection_hashes_a_learned_linear_of_the_input():
     assert layer.proj.weight.grad.abs().sum() > 0  # the projection trains through the weights
     torch.autograd.gradcheck(lambda t: layer(t), (x[:2].detach().requires_grad_(),))
     assert MemoryLayer(16, 6, tau=4).proj is None  # off by default, as in the paper
+
+
+def test_code_is_the_former_name_of_the_release_weighting(tmp_path):
+    layer = mf.MemoryLayer(16, 8, tau=4, weighting="code")
+    assert layer.weighting == "release"
+    cfg = mf.get_config("micro", weighting="code")
+    assert cfg.weighting == "release"
+    legacy = {**cfg.to_dict(), "weighting": "code"}  # a config.json written before the rename
+    (tmp_path / "config.json").write_text(__import__("json").dumps(legacy))
+    assert mf.ModelConfig.load(tmp_path / "config.json") == cfg

@@ -8,16 +8,9 @@ import torch  # noqa: E402
 
 import memoryformer as mf  # noqa: E402
 from memoryformer import evaluate as ev  # noqa: E402
-from memoryformer import lm_eval_adapter as adapter  # noqa: E402
-from test_evaluate import vocab_model, write_benchmarks  # noqa: E402
+from memoryformer.evaluate import lm_eval_adapter as adapter  # noqa: E402
 
-N_PER_TASK = 3
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """The real benchmark files when present (../shared/data/eval), else the hand-made examples."""
-    return ev.default_data_dir() or write_benchmarks(tmp_path_factory.mktemp("eval"))
+N_PER_TASK = 3  # the hand-made fixtures hold three examples per task
 
 
 def test_registered_under_memoryformer():
@@ -39,8 +32,22 @@ def test_task_yamls_point_at_local_files(tmp_path, bench):
 
 
 @pytest.mark.slow
-def test_lm_eval_and_our_scorer_agree(tmp_path, bench, monkeypatch):
-    model = vocab_model()
+def test_lm_eval_and_our_scorer_agree(tmp_path, bench, monkeypatch, vocab_model):
+    _agree(tmp_path, bench, monkeypatch, vocab_model(), N_PER_TASK)
+
+
+@pytest.mark.slow
+def test_lm_eval_and_our_scorer_agree_on_the_full_files(tmp_path, full_bench, monkeypatch, vocab_model):
+    _agree(tmp_path, full_bench, monkeypatch, vocab_model(), 20)
+
+
+def test_old_import_path_registers_the_model():
+    import memoryformer.lm_eval_adapter as old
+
+    assert old.MemoryFormerLM is adapter.MemoryFormerLM
+
+
+def _agree(tmp_path, bench, monkeypatch, model, n_per_task):
     ck = mf.save_model(model, tmp_path / "ck")
     seen = {}  # (context, continuation) -> lm-eval's (log-likelihood, greedy)
     original = adapter.MemoryFormerLM.loglikelihood
@@ -51,12 +58,12 @@ def test_lm_eval_and_our_scorer_agree(tmp_path, bench, monkeypatch):
         return res
 
     monkeypatch.setattr(adapter.MemoryFormerLM, "loglikelihood", recording)
-    theirs = adapter.run_lm_eval(str(ck), "all", data_dir=bench, limit=N_PER_TASK, progress=False)
-    ours = ev.evaluate_tasks(mf.load(ck), "all", data_dir=bench, limit=N_PER_TASK, progress=False)
+    theirs = adapter.run_lm_eval(str(ck), "all", data_dir=bench, limit=n_per_task, progress=False)
+    ours = ev.evaluate_tasks(mf.load(ck), "all", data_dir=bench, limit=n_per_task, progress=False)
 
     for task in ev.ALL_TASKS:
         t, o = theirs[task], ours[task]
-        assert t["n"] == o["n"] == N_PER_TASK, task
+        assert t["n"] == o["n"] == n_per_task, task
         for metric in ("acc", "acc_norm", "ppl"):
             if o.get(metric) is None:
                 assert t.get(metric) is None, (task, metric)
@@ -65,14 +72,14 @@ def test_lm_eval_and_our_scorer_agree(tmp_path, bench, monkeypatch):
 
     # request by request: the same prompt strings, the same numbers
     tok = ev.get_tokenizer()
-    pairs = [p for task in ev.ALL_TASKS for d in ev.load_docs(task, bench, N_PER_TASK) for p in d.pairs]
+    pairs = [p for task in ev.ALL_TASKS for d in ev.load_docs(task, bench, n_per_task) for p in d.pairs]
     assert set(pairs) == set(seen)
     mine = ev.loglikelihood(model, tok, pairs, progress=False)
     for p, (ll, greedy) in zip(pairs, mine):
         assert seen[p][0] == pytest.approx(ll, abs=2e-4) and seen[p][1] == greedy
 
 
-def test_cli_harness_lm_eval(tmp_path, bench, capsys):
+def test_cli_harness_lm_eval(tmp_path, bench, capsys, vocab_model):
     import json
 
     from memoryformer.cli import main as cli_main

@@ -88,7 +88,7 @@ def test_gradcheck_through_op_and_layer():
     assert torch.autograd.gradcheck(lambda x: layer(x), (x,))  # dL/dx through the weights of Eq. 10
 
 
-@pytest.mark.parametrize("weighting,temperature", [("code", 1.0), ("paper", 0.5)])
+@pytest.mark.parametrize("weighting,temperature", [("release", 1.0), ("paper", 0.5)])
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("tau,tokens", [(4, 10), (8, 70), (10, 3)])
 def test_fused_inference_layer_matches_reference(weighting, temperature, table_dtype, tau, tokens):
@@ -113,7 +113,7 @@ def test_fused_inference_layer_matches_reference(weighting, temperature, table_d
 
 @pytest.mark.parametrize("tau", [1, 3, 8, 10, 16])
 def test_pack_bits(tau):
-    from memoryformer.ops.memory import pack_bits
+    from memoryformer.ops.reference import pack_bits
 
     bits = torch.rand(300, 7, tau) > 0.5
     want = (bits.long() * 2 ** torch.arange(tau - 1, -1, -1)).sum(-1)
@@ -151,7 +151,7 @@ def test_to_inference_keeps_outputs(dtype, tol):
         to_inference(layer, dtype)
         got = layer(x)
     assert got.dtype == torch.float32 and not layer.tables.requires_grad
-    assert layer.kernel() == "cpu"
+    assert layer.active_backend() == "cpu"
     assert (got - want).abs().max() <= tol * want.abs().max()
     sd = layer.state_dict()
     assert ("table_scale" in sd) == (dtype == "int8")
@@ -160,17 +160,17 @@ def test_to_inference_keeps_outputs(dtype, tol):
 
 def test_auto_choice_on_cpu():
     layer = MemoryLayer(16, 8, tau=4)
-    assert layer.kernel() == "cpu"
+    assert layer.active_backend() == "cpu"
     with torch.no_grad():
-        assert layer.kernel() == "cpu"
-    assert layer.to_inference("int8").kernel() == "cpu"
+        assert layer.active_backend() == "cpu"
+    assert layer.to_inference("int8").active_backend() == "cpu"
     assert resolve_backend("auto", torch.empty(2, 4, 3, device="meta")).name == "reference"
 
 
 def test_fallback_notice_once(caplog, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(ops.memory, "_fallback_noted", set())
-    monkeypatch.setattr(ops.memory, "_resolved", {})
+    monkeypatch.setattr(ops.dispatch, "_fallback_noted", set())
+    monkeypatch.setattr(ops.dispatch, "_resolved", {})
     T = torch.randn(2, 4, 3)
     with caplog.at_level(logging.WARNING, logger="memoryformer"):
         assert resolve_backend("triton", T).name in ("embedding_bag", "cpu")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memoryformer as mf
-from memoryformer.ops import chunk_hash, cpu, cpu_ext, dequantize_rows, lookup_reference
+from memoryformer.ops import chunk_hash, cpu_ext, dequantize_rows, lookup_reference
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 

@@ -49,9 +49,9 @@ def test_auto_picks_triton_on_cuda():
     from memoryformer import MemoryLayer
 
     layer = MemoryLayer(64, 64, tau=8, device="cuda")
-    assert layer.kernel() == "triton"
+    assert layer.active_backend() == "triton"
     with torch.no_grad():
-        assert layer.to(torch.bfloat16).kernel() == "triton"
+        assert layer.to(torch.bfloat16).active_backend() == "triton"
 
 
 @pytest.mark.cuda

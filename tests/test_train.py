@@ -1,7 +1,6 @@
 """Trainer: the recipe's schedule and LRs, config files, metrics, checkpoints, bit-identical resume, bad input."""
 
 import json
-import lzma
 import math
 import shutil
 import signal
@@ -11,30 +10,12 @@ import time
 
 import pytest
 import torch
+from helpers import tiny_config as tiny_cfg
 from safetensors.torch import load_file
 
 import memoryformer as mf
-from memoryformer import data as data_mod
 from memoryformer.cli import main as cli_main
 from memoryformer.train import TrainConfig, default_lr, load_run_config, lr_at, resume_config, train
-
-
-def tiny_cfg(**kw):
-    return mf.get_config("micro", **{**dict(n_layer=1, d_model=32, n_head=2, max_seq_len=32), **kw})
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small train/val folder cut from the bundled sample's validation books (about 12 k + 3 k tokens)."""
-    d = tmp_path_factory.mktemp("corpus")
-    with lzma.open(data_mod.SAMPLE_FILES["val"], "rt", encoding="utf-8") as f:
-        books = [json.loads(line)["text"] for line in f]
-    with open(d / "toy.train.jsonl", "w", encoding="utf-8") as f:
-        for b in books[:2]:
-            f.write(json.dumps({"text": b[:25_000]}) + "\n")
-    with open(d / "toy.val.jsonl", "w", encoding="utf-8") as f:
-        f.write(json.dumps({"text": books[2][:12_000]}) + "\n")
-    return d
 
 
 def tcfg(corpus, out, **kw):
@@ -265,10 +246,10 @@ def test_diverging_loss_stops_with_a_clear_error(corpus, tmp_path):
 def test_duration_and_number_flags():
     import argparse
 
-    from memoryformer.train import _number, parse_duration
+    from memoryformer.cli import duration, number
 
-    assert [parse_duration(x) for x in ("600", "90s", "10m", "1.5h")] == [600, 90, 600, 5400]
-    assert _number(int)("5e6") == 5_000_000
-    for bad, fn in (("ten minutes", parse_duration), ("2.5", _number(int))):
+    assert [duration(x) for x in ("600", "90s", "10m", "1.5h")] == [600, 90, 600, 5400]
+    assert number(int)("5e6") == 5_000_000
+    for bad, fn in (("ten minutes", duration), ("2.5", number(int))):
         with pytest.raises(argparse.ArgumentTypeError):
             fn(bad)

@@ -7,6 +7,7 @@ Run directly: `TRITON_INTERPRET=1 python tests/triton_cases.py` prints one JSON 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
@@ -25,10 +26,24 @@ def _close(got, want, dtype, what):
     assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]} ({dtype})"
 
 
-def _check_lookup(device, dtype, table_grad, N=37, K=3, R=16, h=40, lead=None, code_dtype=torch.int64):
+@contextlib.contextmanager
+def table_grad(mode: str):
+    """Run with the Triton table gradient `mode` ("sorted" / "atomic"), restoring the module's setting after."""
     from memoryformer.ops import triton_kernels
 
-    triton_kernels.TABLE_GRAD = table_grad
+    old, triton_kernels.TABLE_GRAD = triton_kernels.TABLE_GRAD, mode
+    try:
+        yield
+    finally:
+        triton_kernels.TABLE_GRAD = old
+
+
+def _check_lookup(device, dtype, mode, **kw):
+    with table_grad(mode):
+        _check_lookup_now(device, dtype, **kw)
+
+
+def _check_lookup_now(device, dtype, N=37, K=3, R=16, h=40, lead=None, code_dtype=torch.int64):
     g = torch.Generator().manual_seed(N * 7 + K)
     shape = lead or (N,)
     codes = torch.randint(0, R, (*shape, K), generator=g).to(code_dtype).to(device)
@@ -115,18 +130,16 @@ def case_int8_tables(device):
 
 
 def case_sorted_is_deterministic(device):
-    from memoryformer.ops import triton_kernels
-
-    triton_kernels.TABLE_GRAD = "sorted"
     g = torch.Generator().manual_seed(5)
     codes = torch.randint(0, 4, (50, 2), generator=g).to(device)  # many tokens per row
     w = torch.rand(50, 2, generator=g).to(device)
     T = torch.randn(2, 4, 16, generator=g).to(device).requires_grad_()
     grads = []
-    for _ in range(2):
-        y = memory_lookup(codes, w, T, backend="triton")
-        (gt,) = torch.autograd.grad(y, [T], torch.ones_like(y))
-        grads.append(gt)
+    with table_grad("sorted"):
+        for _ in range(2):
+            y = memory_lookup(codes, w, T, backend="triton")
+            (gt,) = torch.autograd.grad(y, [T], torch.ones_like(y))
+            grads.append(gt)
     assert torch.equal(grads[0], grads[1])
 
 
@@ -135,7 +148,7 @@ def case_memory_layer_input_grad(device):
     ref = MemoryLayer(16, 12, tau=4, backend="reference", dtype=torch.float64).to(device)
     tri = MemoryLayer(16, 12, tau=4, backend="triton", dtype=torch.float64).to(device)
     tri.load_state_dict(ref.state_dict())
-    assert tri.kernel() == "triton"
+    assert tri.active_backend() == "triton"
     x = torch.randn(2, 3, 16, dtype=torch.float64, device=device, requires_grad=True)
     ys = [m(x) for m in (ref, tri)]
     gs = [torch.autograd.grad(y.square().sum(), [x, m.tables, m.bias]) for y, m in zip(ys, (ref, tri))]
@@ -165,8 +178,8 @@ def _check_fused_layer(device, tau, weighting, temperature, dtype=torch.float64,
         _close(a, b, dtype, f"fused layer grad {what}")
 
 
-def case_fused_layer_code_tau4(device):
-    _check_fused_layer(device, 4, "code", 1.0)
+def case_fused_layer_release_tau4(device):
+    _check_fused_layer(device, 4, "release", 1.0)
 
 
 def case_fused_layer_paper_tau3_temperature(device):
@@ -174,7 +187,7 @@ def case_fused_layer_paper_tau3_temperature(device):
 
 
 def case_fused_layer_float32(device):
-    _check_fused_layer(device, 4, "code", 1.0, dtype=torch.float32)
+    _check_fused_layer(device, 4, "release", 1.0, dtype=torch.float32)
 
 
 def case_fused_layer_gradcheck(device):
@@ -184,7 +197,7 @@ def case_fused_layer_gradcheck(device):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
     T = torch.randn(2, 8, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    for weighting in ("code", "paper"):
+    for weighting in ("release", "paper"):
         def f(x, T):
             return triton_kernels.layer_forward(x, T, None, tau=3, weighting=weighting, temperature=0.7)
 

@@ -4,27 +4,36 @@
     layer = mf.MemoryLayer(512, 512, tau=8)              # drop-in for nn.Linear(512, 512)
     model = mf.MemoryFormer(mf.get_config("tiny"))        # the paper's MF-tiny
     dense = mf.Transformer(mf.get_config("pythia-70m"))   # its dense control
+
+Submodules load on first use, so `import memoryformer` (and the command line's start) stays light.
 """
 
-from memoryformer.checkpoint import load_model as load, save_model
-from memoryformer.config import ConfigError, MemoryFormerError, ModelConfig, get_config, preset_names
-from memoryformer.layers import MemoryBlock, MemoryLayer, to_inference
-from memoryformer.model import MemoryFormer, Transformer, build_model
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-__all__ = [
-    "ConfigError",
-    "MemoryBlock",
-    "MemoryFormer",
-    "MemoryFormerError",
-    "MemoryLayer",
-    "ModelConfig",
-    "Transformer",
-    "build_model",
-    "get_config",
-    "load",
-    "save_model",
-    "to_inference",
-    "preset_names",
-]
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "ConfigError": "config", "MemoryFormerError": "config", "ModelConfig": "config", "TrainConfig": "config",
+    "get_config": "config", "preset_names": "config",
+    "MemoryLayer": "layers", "MemoryFFN": "layers", "MemoryBlock": "layers", "to_inference": "layers",
+    "MemoryFormer": "model", "Transformer": "model", "LanguageModel": "model", "KVCache": "model",
+    "build_model": "model",
+    "save_model": "checkpoint", "load": ("checkpoint", "load_model"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'memoryformer' has no attribute {name!r}")
+    module, attr = (target, name) if isinstance(target, str) else target
+    value = getattr(importlib.import_module(f"memoryformer.{module}"), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

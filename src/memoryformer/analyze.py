@@ -241,36 +241,12 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Command line: `memoryformer analyze`
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="DIR", action="append",
-                   help="checkpoint folder (repeat to analyse several; each gets OUT/<folder name>/)")
-    p.add_argument("--out", required=True, metavar="DIR", help="where buckets.json, buckets.png, bucket_counts.npz go")
-    p.add_argument("--data", metavar="SOURCE", help="text whose validation split is hashed (as train --data; "
-                                                    "default: the bundled sample's validation books)")
-    p.add_argument("--tokens", type=int, default=262_144, help="tokens to hash (default 262144)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def main(args) -> list[dict]:
-    results = []
-    many = len(args.checkpoint) > 1
-    for ck in args.checkpoint:
-        out = Path(args.out) / Path(ck).resolve().name if many else Path(args.out)
-        if many and Path(ck).resolve().name == "final":  # runs/<name>/final -> OUT/<name>
-            out = Path(args.out) / Path(ck).resolve().parent.name
-        s = analyze_checkpoint(ck, out, data=args.data, n_tokens=args.tokens, batch_size=args.batch_size,
-                               device=args.device, progress=not args.no_progress)
-        results.append(s)
-        if args.json:
-            print(json.dumps({"checkpoint": ck, "by_kind": s["by_kind"], "tokens": s["tokens"]}))
-        else:
-            print(f"{ck} -> {out}")
-            print(format_summary(s))
-    return results
+def output_folders(checkpoints: list[str], out: str | os.PathLike) -> list[tuple[str, Path]]:
+    """Where each checkpoint's analysis goes: OUT itself for one, OUT/<run name> for several (runs/<name>/final)."""
+    if len(checkpoints) == 1:
+        return [(checkpoints[0], Path(out))]
+    pairs = []
+    for ck in checkpoints:
+        p = Path(ck).resolve()
+        pairs.append((ck, Path(out) / (p.parent.name if p.name == "final" else p.name)))
+    return pairs

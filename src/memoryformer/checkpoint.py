@@ -55,8 +55,8 @@ def _inference_tables(model: torch.nn.Module) -> str | None:
     """"int8/float32"-style tag when `to_inference` froze the model's tables, else None (trainable tables)."""
     from memoryformer.layers import MemoryLayer
 
-    tags = {f"{_dtype_name(m.tables.dtype)}/{_dtype_name(m.output_dtype)}"
-            for m in model.modules() if isinstance(m, MemoryLayer) and m.output_dtype is not None}
+    tags = {f"{_dtype_name(m.tables.dtype)}/{_dtype_name(m.activation_dtype)}"
+            for m in model.modules() if isinstance(m, MemoryLayer) and m.activation_dtype is not None}
     if len(tags) > 1:
         raise MemoryFormerError(f"model: memory tables converted to several inference dtypes ({sorted(tags)}); "
                                 "save_model expects one")
@@ -118,7 +118,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
 
 
 def _apply_inference_tag(model: torch.nn.Module, tag: str, file: Path) -> None:
-    from memoryformer.layers import INFERENCE_DTYPES, MemoryLayer
+    from memoryformer.config import INFERENCE_DTYPES
+    from memoryformer.layers import MemoryLayer
 
     tables, _, act = tag.partition("/")
     act_dtype = getattr(torch, act, None)
@@ -127,7 +128,7 @@ def _apply_inference_tag(model: torch.nn.Module, tag: str, file: Path) -> None:
     for m in model.modules():
         if isinstance(m, MemoryLayer):
             m.to_inference(tables)
-            m.output_dtype = act_dtype
+            m.activation_dtype = act_dtype
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -139,6 +140,16 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training checkpoints
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """`ckpt-<step>` or `final`: the folders a run writes its checkpoints to."""
+    return name == "final" or _CKPT_RE.match(name) is not None
+
+
+def write_text(dest: str | os.PathLike, text: str) -> None:
+    """Write a small text file atomically (readers see the old or the new content, never a mix)."""
+    _replace_file(Path(dest), lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def _replace_file(dest: Path, write) -> None:

@@ -1,14 +1,18 @@
-"""Model configuration: one typed dataclass, validated on construction, and the named presets.
+"""Configuration: the model and training dataclasses, the presets, run-config files, and every shared constant.
 
-The same dataclass is written as JSON next to every checkpoint (`to_dict` / `from_dict`).
+Both dataclasses are validated on construction (errors name the field and what it accepts) and serialise to the
+JSON written beside every checkpoint (`to_dict` / `from_dict`). This module imports nothing heavy (no torch), so the
+command line can parse and check its input before loading anything else.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 
 class MemoryFormerError(Exception):
@@ -19,30 +23,129 @@ class ConfigError(MemoryFormerError, ValueError):
     """A configuration field holds a value outside what it accepts."""
 
 
+# -- constants, each defined once ------------------------------------------------------------------------------------
+ARCHS = ("memoryformer", "transformer")
+WEIGHTINGS = ("release", "paper")  # ||z||_1 p(z) as in the authors' released code; p(z) of Eq. 10
+WEIGHTING_ALIASES = {"code": "release"}  # the name used before 0.2 (config.json files written then)
+BIT_ORDERS = ("msb", "lsb")
+BLOCK_ACTIVATIONS = (None, "gelu")
+ATTENTIONS = ("softmax", "linformer", "cosformer", "performer")
+BACKENDS = ("auto", "reference", "embedding_bag", "cpu", "triton")
+INFERENCE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # frozen table dtypes (`to_inference`, --tables)
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def canonical_weighting(name: str) -> str:
+    return WEIGHTING_ALIASES.get(name, name)
+
+
+class Fields:
+    """Validation of one dataclass's fields: each check names the field, says what it accepts, and normalises
+    what it accepts (YAML 1.1 reads 5e6 and 1e-3 as strings; 5e6 is an integer; paths become absolute)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def fail(self, name: str, msg: str):
+        raise ConfigError(f"{name}: {msg} (got {getattr(self.obj, name)!r})")
+
+    def integer(self, name: str, lo: int, hi: int | None = None, optional: bool = False, text: bool = True) -> None:
+        v = getattr(self.obj, name)
+        if v is None and optional:
+            return
+        if isinstance(v, str) and text:
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            self.fail(name, f"expected an integer {rng}" + (" or null" if optional else ""))
+        setattr(self.obj, name, v)
+
+    def number(self, name: str, lo: float, hi: float | None = None, optional: bool = False,
+               open_lo: bool = False) -> None:
+        v = getattr(self.obj, name)
+        if v is None and optional:
+            return
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                self.fail(name, "expected a number")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            self.fail(name, "expected a finite number")
+        v = float(v)
+        if (v <= lo if open_lo else v < lo) or (hi is not None and v > hi):
+            self.fail(name, f"expected a number in {'(' if open_lo else '['}{lo}, {hi if hi is not None else 'inf'}]")
+        setattr(self.obj, name, v)
+
+    def flag(self, name: str) -> None:
+        if not isinstance(getattr(self.obj, name), bool):
+            self.fail(name, "expected true or false")
+
+    def one_of(self, name: str, choices: tuple, optional: bool = False) -> None:
+        v = getattr(self.obj, name)
+        if (v is None and optional) or (isinstance(v, (str, type(None))) and v in choices):
+            return
+        self.fail(name, f"expected one of {', '.join(map(repr, choices))}")
+
+    def text(self, name: str, optional: bool = False, path: bool = False) -> None:
+        v = getattr(self.obj, name)
+        if v is None and optional:
+            return
+        if not isinstance(v, str) or not v:
+            self.fail(name, "expected a non-empty string")
+        if path:
+            setattr(self.obj, name, os.path.abspath(os.path.expanduser(v)))
+
+
 def dataclass_from_dict(cls, data, *, source: str, what: str):
     """`cls(**data)`, refusing anything but a mapping of `cls`'s fields with an error that names the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of {what} fields, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise ConfigError(f"{source}: unknown {what} key {unknown[0]!r} (valid keys: {', '.join(sorted(known))})")
     return cls(**data)
 
 
-ARCHS = ("memoryformer", "transformer")
-WEIGHTINGS = ("code", "paper")
-BLOCK_ACTIVATIONS = (None, "gelu")
-ATTENTIONS = ("softmax", "linformer", "cosformer", "performer")
+def from_file(cls, data, source: str):
+    """`cls.from_dict(data)` for data read from file `source`: every error names the file."""
+    try:
+        return cls.from_dict(data, source=source)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+
+class _Serialisable:
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config"):
+        return dataclass_from_dict(cls, data, source=source, what=cls._what)
+
+    def replace(self, **overrides):
+        return type(self).from_dict({**self.to_dict(), **overrides}, source="override")
+
+
+# -- the model -------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Serialisable):
     """Shape of a MemoryFormer or of its dense (Pythia / GPT-NeoX) control.
 
-    `arch` picks the model class; the memory fields (`tau` … `block_activation`) only apply to "memoryformer".
+    `arch` picks the model class; the memory fields (`tau` ... `backend`) only apply to "memoryformer".
     """
 
+    _what = "config"
     arch: str = "memoryformer"
     vocab_size: int = 50304
     n_layer: int = 6
@@ -51,7 +154,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     tau: int = 8  # bits per hash chunk; K = d_model // tau tables per Memory Layer
     expand_bits: int = 2  # Memory Block: layer 2 hashes tau + expand_bits bits (paper §2.4)
-    weighting: str = "code"  # "code": ||z||_1 * p(z) (authors' code); "paper": p(z) (Eq. 10)
+    weighting: str = "release"  # "release": ||z||_1 * p(z) (authors' code); "paper": p(z) (Eq. 10)
     temperature: float = 1.0  # t in Eq. 10
     block_activation: str | None = None  # None (paper) or "gelu" between the two Memory Block layers (Table 6)
     rotary_pct: float = 0.25  # fraction of each head's dims that get rotary embeddings
@@ -60,71 +163,42 @@ class ModelConfig:
     memory_bias: bool = True  # learned bias on every Memory Layer (as in the authors' code)
     bit_order: str = "msb"  # "msb": chunk element j is bit tau-1-j (Fig. 2, authors' code); "lsb": bit j (Eq. 4)
     hash_projection: bool = False  # hash a learned Linear(in, in) of each Memory Layer's input (off in the paper)
+    backend: str = "auto"  # Memory Layer kernel: auto (triton on CUDA, cpu on CPU), cpu, triton, embedding_bag, reference
     attention: str = "softmax"  # dense control only: "linformer" | "cosformer" | "performer" (Table 2 baselines)
     linformer_k: int = 64  # Linformer: compressed key/value rows per max_seq_len window (blocks of max_seq_len / k)
     performer_features: int = 128  # Performer: random features per head
 
     def __post_init__(self):
-        def fail(name, msg):
-            raise ConfigError(f"{name}: {msg} (got {getattr(self, name)!r})")
-
-        def want_int(name, lo, hi=None):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                fail(name, "expected an integer")
-            if v < lo or (hi is not None and v > hi):
-                fail(name, f"expected an integer in [{lo}, {hi if hi is not None else 'inf'}]")
-
-        def want_float(name, lo, hi=None, open_lo=False):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                fail(name, "expected a number")
-            v = float(v)
-            setattr(self, name, v)
-            bad = (v <= lo) if open_lo else (v < lo)
-            if bad or (hi is not None and v > hi):
-                fail(name, f"expected a number in {'(' if open_lo else '['}{lo}, {hi if hi is not None else 'inf'}]")
-
-        if self.arch not in ARCHS:
-            fail("arch", f"expected one of {ARCHS}")
-        want_int("vocab_size", 2)
-        want_int("n_layer", 1)
-        want_int("d_model", 1)
-        want_int("n_head", 1)
-        want_int("max_seq_len", 1)
-        want_int("tau", 1, 16)
-        want_int("expand_bits", 0, 4)
-        want_int("ffn_mult", 1)
-        if self.weighting not in WEIGHTINGS:
-            fail("weighting", f"expected one of {WEIGHTINGS}")
-        want_float("temperature", 0.0, open_lo=True)
-        if self.bit_order not in ("msb", "lsb"):
-            fail("bit_order", "expected 'msb' or 'lsb'")
-        if not isinstance(self.hash_projection, bool):
-            fail("hash_projection", "expected true or false")
-        if self.block_activation not in BLOCK_ACTIVATIONS:
-            fail("block_activation", f"expected one of {BLOCK_ACTIVATIONS}")
-        want_float("rotary_pct", 0.0, 1.0)
-        want_float("rotary_base", 0.0, open_lo=True)
-        if not isinstance(self.memory_bias, bool):
-            fail("memory_bias", "expected true or false")
-        if self.attention not in ATTENTIONS:
-            fail("attention", f"expected one of {ATTENTIONS}")
+        f = Fields(self)
+        f.one_of("arch", ARCHS)
+        for name, lo, hi in (("vocab_size", 2, None), ("n_layer", 1, None), ("d_model", 1, None), ("n_head", 1, None),
+                             ("max_seq_len", 1, None), ("tau", 1, 16), ("expand_bits", 0, 4), ("ffn_mult", 1, None),
+                             ("linformer_k", 1, None), ("performer_features", 1, None)):
+            f.integer(name, lo, hi, text=False)
+        if isinstance(self.weighting, str):
+            self.weighting = canonical_weighting(self.weighting)
+        f.one_of("weighting", WEIGHTINGS)
+        f.number("temperature", 0.0, open_lo=True)
+        f.one_of("bit_order", BIT_ORDERS)
+        f.one_of("block_activation", BLOCK_ACTIVATIONS)
+        f.number("rotary_pct", 0.0, 1.0)
+        f.number("rotary_base", 0.0, open_lo=True)
+        for name in ("memory_bias", "hash_projection"):
+            f.flag(name)
+        f.one_of("backend", BACKENDS)
+        f.one_of("attention", ATTENTIONS)
         if self.attention != "softmax" and self.arch != "transformer":
-            fail("attention", "only the dense control (arch='transformer') takes an efficient attention")
-        want_int("linformer_k", 1)
-        want_int("performer_features", 1)
+            f.fail("attention", "only the dense control (arch='transformer') takes an efficient attention")
         if self.attention == "linformer" and self.max_seq_len % self.linformer_k:
-            fail("linformer_k", f"expected a divisor of max_seq_len={self.max_seq_len} (blocks of max_seq_len / k)")
+            f.fail("linformer_k", f"expected a divisor of max_seq_len={self.max_seq_len} (blocks of max_seq_len / k)")
         if self.d_model % self.n_head:
-            fail("n_head", f"expected a divisor of d_model={self.d_model}")
+            f.fail("n_head", f"expected a divisor of d_model={self.d_model}")
         if self.arch == "memoryformer":
             if self.d_model % self.tau:
-                fail("tau", f"expected a divisor of d_model={self.d_model} (d_model = tau * K)")
+                f.fail("tau", f"expected a divisor of d_model={self.d_model} (d_model = tau * K)")
             if self.tau + self.expand_bits > 16:
-                fail("expand_bits", f"tau + expand_bits must be <= 16 (tau={self.tau})")
+                f.fail("expand_bits", f"tau + expand_bits must be <= 16 (tau={self.tau})")
 
-    # -- derived sizes ---------------------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
@@ -144,17 +218,6 @@ class ModelConfig:
         """Dims per head that are rotated (rounded down to an even number)."""
         return int(self.head_dim * self.rotary_pct) // 2 * 2
 
-    # -- (de)serialisation ----------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict, *, source: str = "config") -> "ModelConfig":
-        return dataclass_from_dict(cls, data, source=source, what="config")
-
-    def replace(self, **overrides) -> "ModelConfig":
-        return ModelConfig.from_dict({**self.to_dict(), **overrides}, source="override")
-
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2)
@@ -162,14 +225,19 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise MemoryFormerError(f"{path}: config file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MemoryFormerError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data, source=str(path))
+        return from_file(cls, read_json(path, "config file"), str(path))
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise MemoryFormerError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise MemoryFormerError(f"{path}: is a folder, expected a {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MemoryFormerError(f"{path}: not valid JSON ({e})") from None
 
 
 # Presets. The paper's scales (Table 1) and their Pythia controls; `micro` trains on two CPU cores in minutes.
@@ -196,3 +264,125 @@ def get_config(name: str, **overrides) -> ModelConfig:
     if name not in _PRESETS:
         raise ConfigError(f"preset: unknown preset {name!r} (valid: {', '.join(_PRESETS)})")
     return ModelConfig.from_dict({**_PRESETS[name], **overrides}, source=f"preset {name!r}")
+
+
+# -- training --------------------------------------------------------------------------------------------------------
+
+SAMPLE = "sample"  # the data name that selects the bundled Gutenberg sample
+
+
+@dataclass
+class TrainConfig(_Serialisable):
+    """The training knobs (the recipe of paper §3 by default; see memoryformer.train)."""
+
+    _what = "training"
+    data: str | None = None  # None or "sample": the bundled Gutenberg sample; else a file, folder, glob or hf:NAME
+    val_data: str | None = None  # validation source; None: the data's val files, or its held-out tail
+    out: str = "runs/train"  # run folder: metrics.jsonl, ckpt-<step>/, final/
+    batch_size: int = 32  # sequences per optimizer step, over all ranks
+    micro_batch_size: int | None = None  # sequences per forward per rank; None: fit the device's default
+    seq_len: int | None = None  # tokens per training sequence; None: the model's max_seq_len
+    lr: float | None = None  # peak LR; None: the recipe's default for the model
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak
+    warmup_frac: float = 0.01  # linear warmup, as a fraction of all steps
+    weight_decay: float = 0.1
+    exclude_tables_from_wd: bool = False  # True: no weight decay on the memory tables
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    max_steps: int | None = None  # the run's length in optimizer steps (sets the LR schedule) ...
+    max_tokens: int | None = None  # ... or in training tokens ...
+    time_budget: float | None = None  # ... or in seconds (also a hard stop for the other two); this run only
+    stop_after: int | None = None  # end this invocation after this step (checkpoint saved; resume continues)
+    eval_every: int = 200  # steps between validations (and at the end); 0: only at the end
+    eval_tokens: int = 65536  # validation tokens per evaluation (fixed windows spread over the val text)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    ckpt_every: int = 1000  # steps between ckpt-<step>/ checkpoints; 0: only final/
+    keep_checkpoints: int | None = None  # keep only the newest N ckpt-<step>/; None: keep all
+    seed: int = 0
+    deterministic: bool = False  # deterministic algorithms: bit-identical reruns and resumes on CPU
+    device: str = "auto"  # "auto" (CUDA if present), "cpu" or "cuda"
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    fsdp: bool = False  # FSDP2 (fully_shard per block, memory layers in their own unit) instead of DDP
+    tensorboard: bool = False  # also log to OUT/tensorboard (needs the tensorboard package)
+    progress: bool = True  # tqdm progress bar on rank 0
+    verbose: bool = True  # print the run header and evaluations on rank 0
+    cache_dir: str | None = None  # token cache; None: $MEMORYFORMER_CACHE or ~/.cache/memoryformer
+    val_fraction: float = 0.01  # held-out tail when the data has no validation files
+
+    def __post_init__(self):
+        f = Fields(self)
+        for name in ("data", "val_data"):
+            f.text(name, optional=True, path=getattr(self, name) not in (None, SAMPLE)
+                  and not str(getattr(self, name)).startswith("hf:"))
+        f.text("cache_dir", optional=True, path=True)  # absolute: a run resumes from any working directory
+        f.text("out")
+        for name, lo, opt in (("batch_size", 1, False), ("micro_batch_size", 1, True), ("seq_len", 1, True),
+                              ("max_steps", 1, True), ("max_tokens", 1, True), ("stop_after", 1, True),
+                              ("eval_every", 0, False), ("eval_tokens", 1, False), ("log_every", 1, False),
+                              ("ckpt_every", 0, False), ("keep_checkpoints", 1, True), ("seed", 0, False)):
+            f.integer(name, lo, optional=opt)
+        f.number("lr", 0.0, optional=True, open_lo=True)
+        for name, lo, hi in (("min_lr_ratio", 0.0, 1.0), ("warmup_frac", 0.0, 1.0), ("weight_decay", 0.0, None),
+                             ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0), ("eps", 0.0, None), ("grad_clip", 0.0, None)):
+            f.number(name, lo, hi)
+        f.number("time_budget", 0.0, optional=True, open_lo=True)
+        f.number("val_fraction", 0.0, 0.5, open_lo=True)
+        for name in ("exclude_tables_from_wd", "deterministic", "fsdp", "tensorboard", "progress", "verbose"):
+            f.flag(name)
+        f.one_of("device", DEVICES)
+        f.one_of("precision", PRECISIONS)
+
+
+# -- run-config files (the CLI's --config) ---------------------------------------------------------------------------
+
+
+def load_run_config(spec: str, model_overrides: dict | None = None) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, training-field overrides) from a preset name or a YAML/JSON file.
+
+    A file holds `preset: <name>` (optional), model fields (overriding the preset) and an optional `train:` mapping
+    of TrainConfig fields. `model_overrides` (e.g. from the command line) win over the file.
+    """
+    model_overrides = model_overrides or {}
+    if spec in preset_names():
+        return get_config(spec, **model_overrides), {}
+    path = Path(spec)
+    if not path.is_file():
+        if path.suffix.lower() in (".yaml", ".yml", ".json"):
+            raise ConfigError(f"{spec}: config file not found")
+        raise ConfigError(f"config: {spec!r} is neither a preset ({', '.join(preset_names())}) nor a YAML/JSON file")
+    doc = _parse_file(path)
+    preset = doc.pop("preset", None)
+    train_over = doc.pop("train", None) or {}
+    if not isinstance(train_over, dict):
+        raise ConfigError(f"{spec}: key 'train': expected a mapping of training fields")
+    from_file(TrainConfig, {**TrainConfig().to_dict(), **train_over}, f"{spec} (train)")
+    if preset is not None and preset not in preset_names():
+        raise ConfigError(f"{spec}: key 'preset': unknown preset {preset!r} (valid: {', '.join(preset_names())})")
+    if preset is None and not doc:
+        raise ConfigError(f"{spec}: names no preset and no model field (expected 'preset: <name>' or fields such "
+                          "as d_model)")
+    base = get_config(preset).to_dict() if preset is not None else ModelConfig().to_dict()
+    return from_file(ModelConfig, {**base, **doc, **model_overrides}, spec), train_over
+
+
+def _parse_file(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        if path.suffix.lower() == ".json":
+            doc = json.loads(text)
+        else:
+            import yaml
+
+            doc = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: report the parser's position
+        raise ConfigError(f"{path}: cannot parse ({' '.join(str(e).split())})") from None
+    if doc is None:
+        raise ConfigError(f"{path}: the file is empty (expected 'preset: <name>' and/or model fields)")
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(doc).__name__}")
+    return dict(doc)

@@ -31,11 +31,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from memoryformer.config import MemoryFormerError
+from memoryformer.config import SAMPLE, MemoryFormerError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_FILE = ASSETS / "tokenizer.json"
-SAMPLE = "sample"  # the name that selects the bundled sample as data
 SAMPLE_FILES = {"train": ASSETS / "sample.train.jsonl.xz", "val": ASSETS / "sample.val.jsonl.xz"}
 EOT_ID = 0  # <|endoftext|> in the GPT-NeoX-20B vocabulary
 CACHE_FORMAT = 1  # bump when the cached token layout changes
@@ -346,6 +345,18 @@ def load_tokens(
         return stream
     cut = _tail_start(stream, val_fraction)
     return stream[:cut] if s.part == "head" else stream[cut:]
+
+
+def text_tokens(source: str, *, cache_dir: str | os.PathLike | None = None, progress: bool = False) -> np.ndarray:
+    """The whole token stream of a source to score (every text file it names, whatever its split name; "sample":
+    the bundled sample's validation books; hf:NAME: its validation split), tokenized once into the cache."""
+    if source == SAMPLE:
+        split = Split([str(SAMPLE_FILES["val"])])
+    elif source.startswith("hf:"):
+        split = Split([source], "validation")
+    else:
+        split = Split([str(f) for f in _expand(source)])
+    return _cached_stream(split, cache_dir, progress)
 
 
 def val_tokens(data: str | None = None, *, val_data: str | None = None, cache_dir=None, **kw) -> np.ndarray:

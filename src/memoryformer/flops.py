@@ -193,6 +193,17 @@ def weight_bytes(cfg: ModelConfig, s: int, bytes_per_entry: int = 2) -> dict[str
     return {"weights": weights * b, "activations": acts * b, "total": (weights + acts) * b}
 
 
+BYTES_PRESETS = ("micro", "micro-dense", "tiny", "pythia-70m", "small", "pythia-160m", "base", "pythia-410m")
+
+
+def as_dict(s: int = PAPER_SEQ_LEN) -> dict:
+    """What `memoryformer flops --json` prints: Table 1, Figure 1, the paper's mismatches, bytes per block."""
+    table = [{k: r[k] for k in ("model", "flops_wo_attn", "flops_total")} for r in table1(s)]
+    bytes_ = {n: {"decode": weight_bytes(get_config(n), 1), f"prefill_{s}": weight_bytes(get_config(n), s)}
+              for n in BYTES_PRESETS}
+    return {"table1": table, "figure1": figure1(), "notes": PAPER_MISMATCH, "bytes_per_block_bf16": bytes_}
+
+
 def _g(x: float) -> str:
     return f"{x / 1e9:.2f} G" if x >= 1e8 else f"{x / 1e6:.1f} M"
 
@@ -230,7 +241,7 @@ def report(s: int = PAPER_SEQ_LEN) -> str:
             )
     lines += ["", "Bytes one block's projections move, bf16 (weights or gathered rows + activations; attention excluded)", ""]
     lines.append(f"{'model':<12} {'decode, 1 token':>16} {f'prefill, {s} tokens':>22}")
-    for name in ("micro", "micro-dense", "tiny", "pythia-70m", "small", "pythia-160m", "base", "pythia-410m"):
+    for name in BYTES_PRESETS:
         cfg = get_config(name)
         lines.append(f"{name:<12} {_b(weight_bytes(cfg, 1)['total']):>16} {_b(weight_bytes(cfg, s)['total']):>22}")
     lines.append("A Memory Layer reads K rows per token (1/tau of a dense layer's weight at batch 1), but a GEMM reads its")

@@ -1,9 +1,44 @@
-"""Sampling text from a trained model (temperature, top-k, top-p), with a KV cache."""
+"""Sampling text from a trained model (greedy, temperature, top-k, top-p) from a static KV cache."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from memoryformer.model import KVCache
+
+
+def _check(max_new_tokens, temperature, top_k, top_p) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature: expected a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) next token ids."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = F.softmax(logits, -1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)  # sample where the generator lives, so seeds mean the same
+    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
 
 
 @torch.no_grad()
@@ -21,49 +56,24 @@ def generate(
 ) -> torch.Tensor:
     """Extend idx (B, T) by up to `max_new_tokens` tokens; returns (B, T + n).
 
-    temperature 0 is greedy. The context is cropped to the model's `max_seq_len`. Generation stops early once
-    every row has produced `eos_token`. With `kv_cache` (softmax-attention models) each new token runs through the
-    model alone, attending to cached keys and values; once the sequence outgrows `max_seq_len` the window slides
-    and every step re-reads the cropped window, exactly as without the cache.
+    temperature 0 is greedy. The context is cropped to the model's `max_seq_len`. Generation stops early once every
+    row has produced `eos_token`. With `kv_cache` (softmax-attention models) the prompt fills a preallocated
+    `KVCache` and each new token runs through the model alone; once the sequence outgrows `max_seq_len` the window
+    slides and every step re-reads the cropped window, exactly as without the cache.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p}")
+    _check(max_new_tokens, temperature, top_k, top_p)
+    if idx.ndim != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx: expected a (B, T) tensor of token ids with T >= 1, got shape {tuple(idx.shape)}")
     max_len = model.config.max_seq_len
-    use_cache = kv_cache and hasattr(model, "forward_cached") and model.supports_kv_cache()
+    cache = KVCache.for_model(model, idx.shape[0]) if kv_cache and model.supports_kv_cache() else None
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    cache, fed = None, 0  # fed: tokens of idx already in the cache
     for _ in range(max_new_tokens):
-        if use_cache and idx.shape[1] <= max_len:
-            new = idx[:, fed:]
-            pos = torch.arange(fed, idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
-            hidden, kvs = model.forward_cached(new, pos, cache)
-            cache = kvs if cache is None else [(torch.cat((pk, k), 2), torch.cat((pv, v), 2))
-                                               for (pk, pv), (k, v) in zip(cache, kvs)]
-            fed = idx.shape[1]
-            logits = model.head(hidden[:, -1, :]).float()  # (B, V)
+        if cache is not None and idx.shape[1] <= max_len:
+            hidden = model.hidden(idx[:, cache.length :], cache=cache)
+            logits = model.head(hidden[:, -1]).float()  # (B, V)
         else:
-            logits, _ = model(idx[:, -max_len:])
-            logits = logits[:, -1, :].float()  # (B, V)
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if top_p is not None and top_p < 1:
-                sorted_logits, order = logits.sort(-1, descending=True)
-                cum = sorted_logits.softmax(-1).cumsum(-1)
-                drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-                logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-            probs = F.softmax(logits, -1)
-            if generator is not None and generator.device != probs.device:
-                probs = probs.to(generator.device)  # sample where the generator lives, so seeds mean the same
-            nxt = torch.multinomial(probs, 1, generator=generator).to(idx.device)  # (B, 1)
+            logits = model(idx[:, -max_len:])[0][:, -1].float()
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
         if eos_token is not None:
             nxt = nxt.masked_fill(done[:, None], eos_token)
             done |= nxt[:, 0] == eos_token

@@ -13,8 +13,9 @@ Importing this module registers the model type "memoryformer" with AutoConfig an
 holds the library's own model (MemoryFormer or the dense control) under `.model`; its weights keep their names
 with a `model.` prefix, and `config.memoryformer` is the ModelConfig as a dict. Forward takes `input_ids`,
 `labels` (shifted inside, -100 ignored) and an all-ones `attention_mask`; padded batches are refused with a clear
-error rather than scored wrongly. `generate` re-reads the context at every step (no transformers cache); the
-library's own `memoryformer.generate` decodes from a KV cache.
+error rather than scored wrongly. `generate` decodes from the library's own static `KVCache` (the same cached forward
+as `memoryformer.generate` and the zero-shot scorer), kept on the wrapper: each step feeds only the tokens the cache
+does not hold yet, and a new prompt (any change of the tokens already cached) starts a fresh cache.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"memoryformer.hf needs transformers: pip install 'memoryformer[hf]' ({e})") from None
 
 from memoryformer.config import ModelConfig
-from memoryformer.model import Rotary, build_model
+from memoryformer.model import KVCache, Rotary, build_model
 
 MODEL_TYPE = "memoryformer"
 
@@ -52,7 +53,7 @@ class MemoryFormerHFConfig(PretrainedConfig):
         self.max_position_embeddings = cfg.max_seq_len
         for key in ("bos_token_id", "eos_token_id"):
             kwargs.setdefault(key, 0)  # <|endoftext|> of the GPT-NeoX-20B tokenizer
-        kwargs.setdefault("use_cache", False)
+        kwargs.setdefault("use_cache", True)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -72,7 +73,13 @@ class MemoryFormerForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MemoryFormerHFConfig, model: torch.nn.Module | None = None):
         super().__init__(config)
         self.model = model if model is not None else build_model(config.model_config)
+        self._cache: KVCache | None = None  # generation state: the cache and the token ids it holds
+        self._cached_ids: torch.Tensor | None = None
         self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:  # the model keeps its own KVCache (see the module docstring)
+        return False
 
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -99,18 +106,31 @@ class MemoryFormerForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("attention_mask: padded batches are not supported by memoryformer; pass equal-length "
                              "rows (or one row at a time)")
+        cache = kwargs.get("memoryformer_cache")
         max_len = self.model.config.max_seq_len
-        if input_ids.shape[1] > max_len:
+        if cache is None and input_ids.shape[1] > max_len:
             input_ids = input_ids[:, -max_len:]  # as memoryformer.generate: the model sees its window
             labels = None if labels is None else labels[:, -max_len:]
-        logits, _ = self.model(input_ids)
+        logits, _ = self.model(input_ids, cache=cache)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        """Feed only the tokens the KV cache does not hold yet (all of them for a new prompt)."""
+        B, T = input_ids.shape
+        if not self.model.supports_kv_cache() or T > self.model.config.max_seq_len:
+            self._cache = self._cached_ids = None  # past the window every step re-reads it, as memoryformer.generate
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        c, ids = self._cache, self._cached_ids
+        fresh = (c is None or c.batch != B or ids is None or T <= c.length or ids.device != input_ids.device
+                 or not torch.equal(input_ids[:, : c.length], ids))
+        if fresh:
+            self._cache = c = KVCache.for_model(self.model, B)
+        new = input_ids[:, c.length :]
+        self._cached_ids = input_ids
+        return {"input_ids": new, "attention_mask": None, "memoryformer_cache": c}
 
 
 def register() -> None:
@@ -135,7 +155,7 @@ def from_memoryformer(model_or_path: torch.nn.Module | str | os.PathLike) -> Mem
         model = load_model(model_or_path)
     else:
         model = model_or_path
-    if any(getattr(m, "output_dtype", None) is not None for m in model.modules()):
+    if any(getattr(m, "activation_dtype", None) is not None for m in model.modules()):
         raise ValueError("model: tables frozen by to_inference cannot be wrapped for transformers; wrap the trained "
                          "model and convert afterwards")
     hf = MemoryFormerForCausalLM(MemoryFormerHFConfig(memoryformer=model.config.to_dict()), model=model)

@@ -1,4 +1,5 @@
-"""Memory Layer (paper §2) and Memory Block (paper §2.4): the drop-in replacements for nn.Linear and the FFN."""
+"""The Memory Layer (paper §2, Eq. 2-12) and the Memory Block (paper §2.4): drop-in replacements for nn.Linear and
+for the FFN. The math is in `memoryformer.ops.reference`; the kernels behind `memoryformer.ops`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import math
 import torch
 import torch.nn as nn
 
+from memoryformer.config import (
+    BIT_ORDERS,
+    INFERENCE_DTYPES,
+    WEIGHTINGS,
+    canonical_weighting,
+)
 from memoryformer.ops import (
     backend_names,
     chunk_hash,
@@ -16,10 +23,10 @@ from memoryformer.ops import (
     quantize_rows,
     resolve_backend,
 )
-from memoryformer.ops.memory import WEIGHTINGS
+from memoryformer.ops.reference import lsb_first
 
-BIT_ORDERS = ("msb", "lsb")
-INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+assert tuple(TORCH_DTYPES) == INFERENCE_DTYPES
 
 
 class MemoryLayer(nn.Module):
@@ -33,8 +40,8 @@ class MemoryLayer(nn.Module):
         out_features: output width h.
         tau: bits per chunk (rows per table = 2**tau).
         bias: add a learned bias of shape (out_features,).
-        weighting: "code" (default): ||z||_1 * prod_j sigmoid(2|z_j|/t), as the authors' code;
-            "paper": prod_j sigmoid(2|z_j|/t), Eq. 10.
+        weighting: "release" (default): ||z||_1 * prod_j sigmoid(2|z_j|/t), as the authors' released code
+            ("code" is accepted as its former name); "paper": prod_j sigmoid(2|z_j|/t), Eq. 10.
         temperature: t.
         bit_order: "msb" (default; Fig. 2 and the authors' code): chunk element j is bit tau-1-j of the row index;
             "lsb" (Eq. 4 as printed): element j is bit j. The two only permute each table's rows; pick the one a
@@ -46,8 +53,8 @@ class MemoryLayer(nn.Module):
 
     Shapes: input (..., in_features) floating; output (..., out_features) in the tables' dtype.
     Parameters: `tables` (K, 2**tau, out_features), `bias` (out_features,) or None, `proj` (with hash_projection).
-    After `to_inference("int8")`
-    the tables are frozen int8 and a `table_scale` (K, 2**tau) buffer holds one scale per row.
+    After `to_inference("int8")` the tables are frozen int8 and a `table_scale` (K, 2**tau) buffer holds one scale
+    per row; `activation_dtype` then holds the dtype the outputs keep (None while the tables train).
     """
 
     def __init__(
@@ -57,7 +64,7 @@ class MemoryLayer(nn.Module):
         tau: int = 8,
         *,
         bias: bool = True,
-        weighting: str = "code",
+        weighting: str = "release",
         temperature: float = 1.0,
         bit_order: str = "msb",
         hash_projection: bool = False,
@@ -68,13 +75,15 @@ class MemoryLayer(nn.Module):
         super().__init__()
         if not (isinstance(tau, int) and 1 <= tau <= 16):
             raise ValueError(f"tau: expected an integer in [1, 16], got {tau!r}")
-        if in_features <= 0 or out_features <= 0:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features} and {out_features}")
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         if in_features % tau:
             raise ValueError(f"in_features={in_features} is not a multiple of tau={tau} (K = in_features / tau chunks)")
+        weighting = canonical_weighting(weighting) if isinstance(weighting, str) else weighting
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
-        if not temperature > 0:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
         if bit_order not in BIT_ORDERS:
             raise ValueError(f"bit_order: expected one of {BIT_ORDERS}, got {bit_order!r}")
@@ -89,7 +98,7 @@ class MemoryLayer(nn.Module):
         self.tables = nn.Parameter(torch.empty(self.n_tables, 2**tau, out_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("table_scale", None)  # (K, 2**tau) float32 for int8 inference tables
-        self.output_dtype: torch.dtype | None = None  # set by to_inference: keep the model's activation dtype
+        self.activation_dtype: torch.dtype | None = None  # set by to_inference: the outputs keep this dtype
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, bias_std: float = 0.001) -> None:
@@ -105,9 +114,7 @@ class MemoryLayer(nn.Module):
         """What gets chunked and hashed: x, or proj(x), with each chunk reversed for bit_order="lsb"."""
         if self.proj is not None:
             x = self.proj(x)
-        if self.bit_order == "lsb":  # LSB-first code of z == MSB-first code of z reversed; the weight is symmetric
-            x = x.unflatten(-1, (self.n_tables, self.tau)).flip(-1).flatten(-2)
-        return x
+        return lsb_first(x, self.tau) if self.bit_order == "lsb" else x
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -117,6 +124,9 @@ class MemoryLayer(nn.Module):
             raise ValueError(
                 f"MemoryLayer expects input (..., {self.in_features}) (last dim = in_features), got shape {tuple(x.shape)}"
             )
+        if x.device != self.tables.device:
+            raise ValueError(f"input: on {x.device}, but the layer's tables are on {self.tables.device} "
+                             "(move one of them with .to(device))")
 
     def hash(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (..., K) int64, weights (..., K) float). Share it across layers with the same input and tau."""
@@ -132,17 +142,20 @@ class MemoryLayer(nn.Module):
             )
         else:
             codes, weights = hash
-            if codes.shape[-1] != self.n_tables or codes.shape != weights.shape:
+            want = (*x.shape[:-1], self.n_tables)
+            if tuple(codes.shape) != want or codes.shape != weights.shape:
                 raise ValueError(
-                    f"hash: expected codes and weights of shape (..., {self.n_tables}), "
+                    f"hash: expected codes and weights of shape {want} (the input's leading dims, K={self.n_tables}), "
                     f"got {tuple(codes.shape)} and {tuple(weights.shape)}"
                 )
             y = memory_lookup(codes, weights, self.tables, self.bias, backend=self.backend, scale=self.table_scale)
-        return y if self.output_dtype is None else y.to(self.output_dtype)
+        return y if self.activation_dtype is None else y.to(self.activation_dtype)
 
-    def kernel(self) -> str:
-        """Name of the backend that runs for the current tables."""
+    def active_backend(self) -> str:
+        """Name of the backend that runs for the current tables (and grad mode)."""
         return resolve_backend(self.backend, self.tables).name
+
+    kernel = active_backend  # the name before 0.2
 
     @torch.no_grad()
     def to_inference(self, dtype: str | torch.dtype = "int8") -> MemoryLayer:
@@ -151,15 +164,15 @@ class MemoryLayer(nn.Module):
         Outputs keep the dtype the layer produced before (the tables' old dtype), so the rest of the model is
         unchanged. The tables no longer train; state_dict then holds `tables` in the new dtype (and `table_scale`).
         """
-        dtype = INFERENCE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-        if dtype not in INFERENCE_DTYPES.values():
+        dtype = TORCH_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if dtype not in TORCH_DTYPES.values():
             raise ValueError(f"dtype: expected one of {list(INFERENCE_DTYPES)}, got {dtype!r}")
         if self.table_scale is not None:
             tables = dequantize_rows(self.tables, self.table_scale)
         else:
             tables = self.tables.detach()
-        if self.output_dtype is None:
-            self.output_dtype = tables.dtype
+        if self.activation_dtype is None:
+            self.activation_dtype = tables.dtype
         if dtype == torch.int8:
             q, scale = quantize_rows(tables)
             self.tables = nn.Parameter(q, requires_grad=False)
@@ -176,12 +189,13 @@ class MemoryLayer(nn.Module):
             f"temperature={self.temperature}, backend={self.backend!r}"
             + (f", bit_order={self.bit_order!r}" if self.bit_order != "msb" else "")
             + (", hash_projection=True" if self.proj is not None else "")
-            + (f", tables={str(self.tables.dtype).removeprefix('torch.')}" if self.output_dtype is not None else "")
+            + (f", tables={str(self.tables.dtype).removeprefix('torch.')}" if self.activation_dtype is not None else "")
         )
 
 
-class MemoryBlock(nn.Module):
-    """The FFN replacement (paper §2.4): MemoryLayer(d -> (tau+e)K) -> LayerNorm -> [act] -> MemoryLayer(-> d).
+class MemoryFFN(nn.Module):
+    """The paper's Memory Block (§2.4), which replaces the FFN: MemoryLayer(d -> (tau+e)K) -> LayerNorm -> [act] ->
+    MemoryLayer(-> d). (`MemoryBlock` is the same class under the paper's name.)
 
     The second layer hashes chunks of tau + e bits ("expanding bits", e = `expand_bits`), so its tables have
     2**(tau+e) rows: 4x the first layer's for e = 2, mirroring a dense FFN's 4x expansion. The paper uses no
@@ -196,7 +210,7 @@ class MemoryBlock(nn.Module):
         *,
         activation: str | None = None,
         bias: bool = True,
-        weighting: str = "code",
+        weighting: str = "release",
         temperature: float = 1.0,
         bit_order: str = "msb",
         hash_projection: bool = False,
@@ -217,6 +231,9 @@ class MemoryBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
         return self.l2(self.norm(self.act(self.l1(x))))
+
+
+MemoryBlock = MemoryFFN
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 MemoryFormer (Ding et al., NeurIPS 2024), as released by its authors:
 - token embedding (vocab padded to 50 304), no absolute positions;
-- each block: pre-RMSNorm -> Q/K/V Memory Layers sharing one hash (one fused (K, 2**tau, 3d) table)
+- each block (paper Eq. 13): pre-RMSNorm -> Q/K/V Memory Layers sharing one hash (one fused (K, 2**tau, 3d) table)
   -> partial rotary (25 % of each head, base 10 000) -> causal softmax attention -> **no output projection**
   -> residual; then RMSNorm -> Memory Block (MemoryLayer d->(tau+2)K, LayerNorm, MemoryLayer ->d) -> residual;
 - final RMSNorm, untied linear LM head (the only fully-connected layer left).
@@ -10,7 +10,9 @@ MemoryFormer (Ding et al., NeurIPS 2024), as released by its authors:
 Transformer is the Pythia / GPT-NeoX dense control: LayerNorm, parallel residual (x + attn(ln1 x) + mlp(ln2 x)),
 fused QKV, output projection, GELU FFN of 4d, the same partial rotary, untied head.
 
-Both: `forward(idx, targets=None) -> (logits, loss)`; build on the meta device, `to_empty`, then `init_weights()`.
+Both: `forward(idx, targets=None) -> (logits, loss)`; `hidden(idx, cache=...)` is the body without the head, and the
+one code path for training, scoring and decoding: given a `KVCache` the tokens continue what it holds (their keys and
+values are written into it in place). Build on the meta device, `to_empty`, then `init_weights()`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import torch.nn.functional as F
 
 from memoryformer.attention import build_attention
 from memoryformer.config import ConfigError, ModelConfig
-from memoryformer.layers import MemoryBlock, MemoryLayer, small_init_std
+from memoryformer.layers import MemoryFFN, MemoryLayer, small_init_std
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shared pieces: rotary embedding and causal attention over a fused (B, T, n_head * 3 * head_dim) projection.
+# Shared pieces: rotary embedding, the KV cache, and causal attention over a fused (B, T, n_head * 3 * hd) projection
 
 
 class Rotary(nn.Module):
@@ -49,66 +51,106 @@ class Rotary(nn.Module):
         self.cos.copy_(emb.cos())
         self.sin.copy_(emb.sin())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, nh, T, hd) -> same, positions 0..T-1
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, nh, T, hd) at positions 0..T-1, or at `pos` (B, T) int64 (incremental decoding)."""
         if self.dims == 0:
             return x
-        T = x.shape[-2]
-        return self._rotate(x, self.cos[:T], self.sin[:T])  # (T, dims)
-
-    def at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Rotary at explicit positions: x (B, nh, T, hd), pos (B, T) int64 (incremental decoding)."""
-        if self.dims == 0:
-            return x
-        return self._rotate(x, self.cos[pos][:, None], self.sin[pos][:, None])  # (B, 1, T, dims)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if pos is None:
+            T = x.shape[-2]
+            cos, sin = self.cos[:T], self.sin[:T]  # (T, dims)
+        else:
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, T, dims)
         rot, keep = x[..., : self.dims], x[..., self.dims :]
         x1, x2 = rot.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)
         return torch.cat((rot * cos.to(x.dtype) + rotated * sin.to(x.dtype), keep), dim=-1)
 
 
-def causal_attention(qkv: torch.Tensor, n_head: int, rotary: Rotary) -> torch.Tensor:
-    """qkv: (B, T, 3d) laid out per head as [q | k | v] (GPT-NeoX order) -> (B, T, d)."""
-    B, T, three_d = qkv.shape
-    hd = three_d // (3 * n_head)
-    q, k, v = qkv.view(B, T, n_head, 3 * hd).transpose(1, 2).split(hd, dim=-1)  # 3 x (B, nh, T, hd)
-    q, k = rotary(q), rotary(k)
-    if v.dtype != q.dtype:
-        v = v.to(q.dtype)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
-    return y.transpose(1, 2).reshape(B, T, n_head * hd)  # (B, T, d)
+class KVCache:
+    """Keys and values of every block, preallocated and written in place as tokens are fed (rotary applied).
 
-
-# Incremental decoding: the same attention at explicit positions over cached keys/values. Used by `generate`
-# (KV cache) and by the zero-shot scorer (one pass over a shared context, then every choice from its cache).
-KVCache = list  # per block: (keys, values), each (B, n_head, P, head_dim), rotary already applied
-
-
-def cached_attention(qkv: torch.Tensor, n_head: int, rotary: Rotary, pos: torch.Tensor,
-                     past: tuple[torch.Tensor, torch.Tensor] | None = None, past_valid: torch.Tensor | None = None):
-    """Causal attention of new tokens (qkv (B, T, 3d) at positions pos (B, T)) over [past keys/values; themselves].
-
-    `past_valid` (B, P) bool masks padded cache entries (None: all valid). Returns (y (B, T, d), (k, v) of the new
-    tokens) so the caller can extend its cache.
+    k, v: (n_layer, B, n_head, capacity, head_dim). The first `length` slots are filled, the same for every row.
+    `valid` (B, capacity) bool marks real tokens when rows of different lengths share a padded batch (the zero-shot
+    scorer); None: every filled slot is real. Slots are attended causally: a new token sees the filled slots and
+    the new slots up to its own.
     """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, capacity: int, head_dim: int, *, device=None,
+                 dtype: torch.dtype = torch.float32):
+        shape = (n_layer, batch, n_head, capacity, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.valid: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model: "LanguageModel", batch: int, capacity: int | None = None) -> "KVCache":
+        cfg = model.config
+        w = model.embed.weight
+        return cls(cfg.n_layer, batch, cfg.n_head, capacity or cfg.max_seq_len, cfg.head_dim, device=w.device,
+                   dtype=w.dtype if w.is_floating_point() else torch.float32)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self) -> None:
+        self.length, self.valid = 0, None
+
+    def rows(self, index: torch.Tensor) -> "KVCache":
+        """A new cache holding rows `index` (B',) of this one (e.g. a question's context once per choice)."""
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        out.length = self.length
+        out.valid = None if self.valid is None else self.valid.index_select(0, index)
+        return out
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write the new keys/values (B, nh, T, hd) of `layer` at slots length..length+T, attend to all filled ones."""
+        L0, T = self.length, q.shape[2]
+        end = L0 + T
+        self.k[layer, :, :, L0:end] = k
+        self.v[layer, :, :, L0:end] = v
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # views: nothing copied
+        if keys.dtype != q.dtype:  # autocast: activations in a lower precision than the cache
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        mask = None
+        if self.valid is not None or T > 1:
+            slots = torch.arange(end, device=q.device)
+            mask = slots[None, :] <= (L0 + torch.arange(T, device=q.device))[:, None]  # (T, end): causal by slot
+            if self.valid is not None:
+                mask = mask[None, None] & self.valid[:, None, None, :end]  # (B, 1, T, end)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+    def advance(self, T: int, valid: torch.Tensor | None = None) -> None:
+        """Mark T more slots filled (after every block has written them); `valid` (B, T) flags padded tokens."""
+        if valid is not None and self.valid is None:
+            self.valid = torch.ones(self.batch, self.capacity, dtype=torch.bool, device=self.k.device)
+        if self.valid is not None:
+            self.valid[:, self.length : self.length + T] = True if valid is None else valid
+        self.length += T
+
+
+def attention(qkv: torch.Tensor, n_head: int, rotary: Rotary, pos: torch.Tensor | None = None,
+              cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    """Causal softmax attention. qkv (B, T, 3d) laid out per head as [q | k | v] (GPT-NeoX order) -> (B, T, d).
+
+    Without a cache: over the T tokens themselves (training). With one: the tokens at positions `pos` (B, T) are
+    appended to `cache` (block `layer`) and attend to everything it holds."""
     B, T, three_d = qkv.shape
     hd = three_d // (3 * n_head)
     q, k, v = qkv.view(B, T, n_head, 3 * hd).transpose(1, 2).split(hd, dim=-1)  # 3 x (B, nh, T, hd)
-    q, k = rotary.at(q, pos), rotary.at(k, pos)
+    q, k = rotary(q, pos), rotary(k, pos)
     v = v.to(q.dtype)
-    if past is None:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if cache is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
     else:
-        pk, pv = past
-        mask = None
-        if past_valid is not None or T > 1:
-            P = pk.shape[2]
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            seen = past_valid if past_valid is not None else torch.ones(B, P, dtype=torch.bool, device=q.device)
-            mask = torch.cat((seen[:, None, None, :].expand(B, 1, T, P), causal.expand(B, 1, T, T)), dim=-1)
-        y = F.scaled_dot_product_attention(q, torch.cat((pk, k), 2), torch.cat((pv, v), 2), attn_mask=mask)
-    return y.transpose(1, 2).reshape(B, T, n_head * hd), (k, v)
+        y = cache.attend(layer, q, k, v)
+    return y.transpose(1, 2).reshape(B, T, n_head * hd)  # (B, T, d)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,40 +164,37 @@ class MemoryAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = MemoryLayer(
-            cfg.d_model, 3 * cfg.d_model, cfg.tau,
-            bias=cfg.memory_bias, weighting=cfg.weighting, temperature=cfg.temperature,
-            bit_order=cfg.bit_order, hash_projection=cfg.hash_projection,
+            cfg.d_model, 3 * cfg.d_model, cfg.tau, bias=cfg.memory_bias, weighting=cfg.weighting,
+            temperature=cfg.temperature, bit_order=cfg.bit_order, hash_projection=cfg.hash_projection,
+            backend=cfg.backend,
         )
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
-        return causal_attention(self.qkv(x), self.n_head, self.rotary)
+    def forward(self, x, pos=None, cache=None, layer=0):  # (B, T, d) -> (B, T, d)
+        return attention(self.qkv(x), self.n_head, self.rotary, pos, cache, layer)
 
 
 class MemoryFormerBlock(nn.Module):
+    """Paper Eq. 13 (with the Norm(Z) the code and Fig. 3 use): x + attn(norm1 x), then + ffn(norm2 .)."""
+
     def __init__(self, cfg: ModelConfig, rotary: Rotary):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.d_model, eps=1e-8)
         self.attn = MemoryAttention(cfg, rotary)
         self.norm2 = nn.RMSNorm(cfg.d_model, eps=1e-8)
-        self.mlp = MemoryBlock(
-            cfg.d_model, cfg.tau, cfg.expand_bits, activation=cfg.block_activation,
-            bias=cfg.memory_bias, weighting=cfg.weighting, temperature=cfg.temperature,
-            bit_order=cfg.bit_order, hash_projection=cfg.hash_projection,
+        self.mlp = MemoryFFN(
+            cfg.d_model, cfg.tau, cfg.expand_bits, activation=cfg.block_activation, bias=cfg.memory_bias,
+            weighting=cfg.weighting, temperature=cfg.temperature, bit_order=cfg.bit_order,
+            hash_projection=cfg.hash_projection, backend=cfg.backend,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, pos=None, cache=None, layer=0):  # (B, T, d)
+        x = x + self.attn(self.norm1(x), pos, cache, layer)
         return x + self.mlp(self.norm2(x))
 
-    def forward_cached(self, x, pos, past=None, past_valid=None):
-        a, kv = cached_attention(self.attn.qkv(self.norm1(x)), self.attn.n_head, self.attn.rotary, pos, past, past_valid)
-        x = x + a
-        return x + self.mlp(self.norm2(x)), kv
 
-
-class _LanguageModel(nn.Module):
-    """Embedding -> blocks -> final norm -> untied head; the parts both architectures share."""
+class LanguageModel(nn.Module):
+    """Embedding -> blocks -> final norm -> untied head: what both architectures share."""
 
     arch: str
 
@@ -173,43 +212,58 @@ class _LanguageModel(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) int64 token ids; targets (B, T) or None (-1 = ignore).
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None):
+        """idx (B, T) int64 token ids; targets (B, T) or None (-1 = ignore); `cache`: continue a KVCache.
 
         Returns (logits (B, T, vocab), loss: mean cross-entropy or None).
         """
-        if idx.dtype not in (torch.int64, torch.int32) or idx.ndim != 2:
-            raise ValueError(f"idx: expected a (B, T) integer tensor of token ids, got {tuple(idx.shape)} {idx.dtype}")
-        T = idx.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"max_seq_len: sequence of {T} tokens exceeds the model's max_seq_len={self.config.max_seq_len}")
-        x = self.embed(idx)  # (B, T, d)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.norm(x))  # (B, T, vocab)
+        logits = self.head(self.hidden(idx, cache=cache))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
+    def hidden(self, idx: torch.Tensor, *, cache: KVCache | None = None, pos: torch.Tensor | None = None,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d) of idx (B, T); `model.head` of them gives the logits.
+
+        With `cache` the tokens continue it: positions `pos` (B, T) (default: the next ones), their keys and values
+        are written into it and it advances by T; `valid` (B, T) bool marks padding in rows of unequal length.
+        """
+        B, T = self._check_ids(idx)
+        if cache is not None:
+            if not self.supports_kv_cache():
+                raise ValueError(f"attention: {self.config.attention!r} has no KV-cached path; pass no cache")
+            if cache.length + T > cache.capacity:
+                raise ValueError(f"cache: {cache.length} + {T} tokens exceed its capacity of {cache.capacity}")
+            if pos is None:
+                pos = torch.arange(cache.length, cache.length + T, device=idx.device).expand(B, T)
+            if pos.numel() and int(pos.max()) >= self.config.max_seq_len:
+                raise ValueError(f"max_seq_len: position {int(pos.max())} is beyond the model's "
+                                 f"max_seq_len={self.config.max_seq_len}")
+        elif T > self.config.max_seq_len:
+            raise ValueError(f"max_seq_len: sequence of {T} tokens exceeds the model's max_seq_len={self.config.max_seq_len}")
+        x = self.embed(idx)  # (B, T, d)
+        for i, block in enumerate(self.blocks):
+            x = block(x, pos, cache, i)
+        if cache is not None:
+            cache.advance(T, valid)
+        return self.norm(x)
+
+    def _check_ids(self, idx: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32) or idx.ndim != 2:
+            got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"idx: expected a (B, T) integer tensor of token ids, got {got}")
+        if idx.device.type == "cpu" and idx.numel():  # on GPUs this check would cost a sync per forward
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"idx: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        return idx.shape[0], idx.shape[1]
+
     def supports_kv_cache(self) -> bool:
         """Softmax attention in every block (the Table 2 efficient attentions have no cached path)."""
         return all(getattr(b.attn, "core", None) is None for b in self.blocks)
-
-    def forward_cached(self, idx: torch.Tensor, pos: torch.Tensor, past: KVCache | None = None,
-                       past_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
-        """(B, T) ids at positions pos (B, T) after a cache of earlier tokens -> (final-norm hidden (B, T, d), the
-        new tokens' per-block (k, v)); `model.head(hidden)` gives the logits. Equal to `forward` when the cache holds
-        the tokens before them (see `cached_attention` for `past_valid`)."""
-        if not self.supports_kv_cache():
-            raise ValueError(f"attention: {self.config.attention!r} has no KV-cached path; use forward()")
-        if pos.numel() and int(pos.max()) >= self.config.max_seq_len:
-            raise ValueError(f"max_seq_len: position {int(pos.max())} is beyond the model's max_seq_len={self.config.max_seq_len}")
-        x, kvs = self.embed(idx), []
-        for i, block in enumerate(self.blocks):
-            x, kv = block.forward_cached(x, pos, None if past is None else past[i], past_valid)
-            kvs.append(kv)
-        return self.norm(x), kvs
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -261,7 +315,7 @@ class _LanguageModel(nn.Module):
         return [g for g in groups if g["params"]]
 
 
-class MemoryFormer(_LanguageModel):
+class MemoryFormer(LanguageModel):
     """The MemoryFormer language model. `MemoryFormer(get_config("tiny"))`."""
 
     arch = "memoryformer"
@@ -291,13 +345,13 @@ class DenseAttention(nn.Module):
         # Table 2 baselines (memoryformer.attention); softmax keeps the plain path and its checkpoint keys
         self.core = None if cfg.attention == "softmax" else build_attention(cfg, rotary)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
+    def forward(self, x, pos=None, cache=None, layer=0):  # (B, T, d)
         qkv = self.qkv(x)  # (B, T, 3d)
-        y = causal_attention(qkv, self.n_head, self.rotary) if self.core is None else self.core(qkv)
+        y = attention(qkv, self.n_head, self.rotary, pos, cache, layer) if self.core is None else self.core(qkv)
         return self.proj(y)
 
 
-class DenseMLP(nn.Module):
+class DenseFFN(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model)
@@ -313,18 +367,13 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
         self.attn = DenseAttention(cfg, rotary)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
-        self.mlp = DenseMLP(cfg)
+        self.mlp = DenseFFN(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # parallel residual, as Pythia
-        return x + self.attn(self.norm1(x)) + self.mlp(self.norm2(x))
-
-    def forward_cached(self, x, pos, past=None, past_valid=None):
-        att = self.attn
-        a, kv = cached_attention(att.qkv(self.norm1(x)), att.n_head, att.rotary, pos, past, past_valid)
-        return x + att.proj(a) + self.mlp(self.norm2(x)), kv
+    def forward(self, x, pos=None, cache=None, layer=0):  # parallel residual, as Pythia
+        return x + self.attn(self.norm1(x), pos, cache, layer) + self.mlp(self.norm2(x))
 
 
-class Transformer(_LanguageModel):
+class Transformer(LanguageModel):
     """The Pythia-shaped dense control. `Transformer(get_config("pythia-70m"))`."""
 
     arch = "transformer"
@@ -343,6 +392,6 @@ class Transformer(_LanguageModel):
                 block.attn.core.reset_parameters()
 
 
-def build_model(cfg: ModelConfig) -> _LanguageModel:
+def build_model(cfg: ModelConfig) -> LanguageModel:
     """MemoryFormer or Transformer, by `cfg.arch`."""
     return {"memoryformer": MemoryFormer, "transformer": Transformer}[cfg.arch](cfg)

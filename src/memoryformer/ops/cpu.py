@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from memoryformer.ops import cpu_ext
 from memoryformer.ops.library import define_lookup_op, flat_call
-from memoryformer.ops.memory import pack_bits
+from memoryformer.ops.dispatch import register_backend
+from memoryformer.ops.reference import pack_bits
 
 _CHUNK_ELEMS = 1 << 20  # rows gathered per backward step (4 MB in fp32): stays in L2/L3 without a Python-bound loop
 
@@ -161,7 +162,7 @@ def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: flo
     if x.numel() <= cpu_ext.MAX_TOKENS * K * tau and x.device.type == "cpu":
         ext = cpu_ext.get()
         if ext is not None:  # one compiled call instead of ~15 small ones: batch-1 decode
-            y = ext.decode(x, tables, scale, bias, tau, weighting == "code", float(temperature))
+            y = ext.decode(x, tables, scale, bias, tau, weighting == "release", float(temperature))
             dtype = tables.dtype if tables.is_floating_point() else torch.float32  # as the ATen path below
             if bias is not None:
                 dtype = torch.promote_types(dtype, bias.dtype)
@@ -176,7 +177,7 @@ def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: flo
     # p(z) of Eq. 10 as a product of tau sigmoids in [1/2, 1): no underflow for tau <= 16, and one call fewer
     # than chunk_hash's log-space sum (equal to ~1e-7 relative)
     w = torch.sigmoid(a * (2.0 / temperature)).prod(-1)
-    if weighting == "code":
+    if weighting == "release":
         w.mul_(a.sum(-1))
     if scale is not None:
         w.mul_(scale.view(-1)[codes + start])
@@ -192,3 +193,6 @@ def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: flo
     if bias is not None:
         y = y.add_(bias) if y.dtype == bias.dtype else y + bias
     return y.reshape(*lead, h)
+
+
+register_backend("cpu", lookup, accepts=accepts, priority=20, layer_fn=layer_forward)

@@ -16,12 +16,10 @@ from typing import Callable
 
 import torch
 
+from memoryformer.ops.reference import result_dtype
+
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Backward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-def _out_dtype(weights: torch.Tensor, tables: torch.Tensor) -> torch.dtype:
-    return tables.dtype if tables.is_floating_point() else weights.dtype
 
 
 def define_lookup_op(name: str, forward: Forward, backward: Backward, *, triton: bool = False):
@@ -48,7 +46,7 @@ def define_lookup_op(name: str, forward: Forward, backward: Backward, *, triton:
 
     @fwd_op.register_fake
     def _(codes, weights, tables):
-        return tables.new_empty((codes.shape[0], tables.shape[2]), dtype=_out_dtype(weights, tables))
+        return tables.new_empty((codes.shape[0], tables.shape[2]), dtype=result_dtype(weights, tables))
 
     @bwd_op.register_fake
     def _(grad, codes, weights, tables, need_weights, need_tables):

@@ -29,6 +29,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from memoryformer.ops.library import define_lookup_op, flat_call
+from memoryformer.ops.reference import chunk_hash, result_dtype, row_scales
 
 TABLE_GRAD = "sorted"  # or "atomic"
 FUSE_HASH = True  # False: `layer_forward` runs chunk_hash in PyTorch, then the lookup kernels (for comparison)
@@ -126,7 +127,7 @@ def forward(codes: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) ->
     """codes (N, K), weights (N, K), tables (K, R, h) contiguous -> (N, h)."""
     N, K = codes.shape
     R, H = tables.shape[1], tables.shape[2]
-    out = torch.empty(N, H, device=tables.device, dtype=tables.dtype if tables.is_floating_point() else weights.dtype)
+    out = torch.empty(N, H, device=tables.device, dtype=result_dtype(weights, tables))
     if N == 0:
         return out
     grid = (triton.cdiv(N, FWD_BLOCK_N), triton.cdiv(H, FWD_BLOCK_H))
@@ -342,15 +343,13 @@ layer_op.register_autograd(_layer_backward, setup_context=_layer_setup)
 def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: float, scale=None) -> torch.Tensor:
     """`memory_lookup(*chunk_hash(x, tau, ...), tables, bias)` with the hash inside the gather kernel."""
     if scale is not None or not FUSE_HASH:  # int8 inference tables: the unfused path folds the row scales
-        from memoryformer.ops.memory import chunk_hash
-
         codes, w = chunk_hash(x, tau, weighting=weighting, temperature=temperature)
         if scale is not None:
-            w = w * scale[torch.arange(tables.shape[0], device=x.device), codes]
+            w = w * row_scales(scale, codes)
         y = lookup(codes, w, tables)
     else:
         lead, h = x.shape[:-1], tables.shape[2]
-        y, _, _ = layer_op(x.reshape(-1, x.shape[-1]).contiguous(), tables.contiguous(), tau, weighting == "code",
+        y, _, _ = layer_op(x.reshape(-1, x.shape[-1]).contiguous(), tables.contiguous(), tau, weighting == "release",
                            float(temperature))
         y = y.reshape(*lead, h)
     return y if bias is None else y + bias

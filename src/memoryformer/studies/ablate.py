@@ -12,7 +12,7 @@ Suites (all at the chosen scale's width, heads and layers):
 - `expand-bits` (Table 5): 0, 1, 2, 3 expanding bits in the Memory Block.
 - `gelu` (Table 6): no activation (paper) vs GeLU between the two Memory Block layers. The paper reports zero-shot
   accuracy for this table, not PPL; at our scale zero-shot is at chance, so we compare validation PPL.
-- `weighting` (open question 1): the authors' code weighting ||z||_1 p(z) vs the paper's p(z) (Eq. 10), each at
+- `weighting` (open question 1): the authors' released weighting ||z||_1 p(z) vs the paper's p(z) (Eq. 10), each at
   temperature 1 and 0.5. The paper reports no numbers for this.
 - `attention` (Table 2): the scale's dense control with softmax, Linformer, cosFormer and Performer attention, beside
   the MemoryFormer preset itself. The paper reports zero-shot accuracy of 410M-scale models; we compare validation
@@ -85,10 +85,10 @@ def suites(scale: str = "micro") -> dict[str, Suite]:
             Variant("GeLU", dict(block_activation="gelu"), paper=0.402),
         ], "a GeLU in the Memory Block does not help (0.404 vs 0.402 zero-shot avg)"),
         "weighting": Suite("weighting", "open question 1", "-", [
-            Variant("code, t=1", dict(weighting="code", temperature=1.0)),
+            Variant("release, t=1", dict(weighting="release", temperature=1.0)),
             Variant("paper, t=1", dict(weighting="paper", temperature=1.0)),
             Variant("paper, t=0.5", dict(weighting="paper", temperature=0.5)),
-            Variant("code, t=0.5", dict(weighting="code", temperature=0.5)),
+            Variant("release, t=0.5", dict(weighting="release", temperature=0.5)),
         ], "no paper numbers: which weighting trains better is open"),
         "attention": Suite("attention", "Table 2", "zero-shot avg", [
             Variant("dense, softmax", dense=True, paper=0.435),
@@ -115,7 +115,7 @@ def run_suite(suite_name: str, *, scale: str = "micro", tokens: int = 300_000, o
     """Train every variant of a suite at equal tokens; returns {"suite", ..., "variants": [{name, val_ppl, ...}]}.
 
     A variant is not trained again when a finished run of the same model and training config exists anywhere under
-    OUT/<scale>/ (the suites share their baseline: tau 8, 2 bits, LR 3e-3, no GeLU, code weighting at t = 1).
+    OUT/<scale>/ (the suites share their baseline: tau 8, 2 bits, LR 3e-3, no GeLU, release weighting at t = 1).
     `only`: train just these variants (the table still lists every variant already finished).
     `results_dir`: rewrite the markdown/JSON tables there after every variant, marked incomplete until all are
     done, so a long suite stopped early still leaves its finished variants tabulated.
@@ -282,42 +282,3 @@ def write_results(res: dict, results_dir: str | os.PathLike) -> tuple[Path, Path
     md.write_text(format_markdown(res), encoding="utf-8")
     js.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     return md, js
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line: `memoryformer ablate`
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--suite", required=True, help=f"{', '.join(SUITE_NAMES)} or all (comma-separated for several)")
-    p.add_argument("--scale", default="micro", help="MemoryFormer preset the variants start from (default micro)")
-    p.add_argument("--tokens", type=int, default=300_000, help="training tokens per variant (default 300000)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (default 16)")
-    p.add_argument("--eval-tokens", type=int, default=65_536, help="validation tokens per variant (default 65536)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", help="training text (as train --data; default: the bundled sample)")
-    p.add_argument("--out", default="runs/ablations", help="run folders go to OUT/<scale>/<suite>/<variant>")
-    p.add_argument("--results-dir", metavar="DIR", help="also write ablations_<suite>_<scale>.{md,json} here")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print the results as JSON lines, one per suite")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def main(args) -> list[dict]:
-    import sys
-
-    names = list(SUITE_NAMES) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
-    for n in names:
-        if n not in SUITE_NAMES:
-            raise MemoryFormerError(f"suite: unknown suite {n!r} (valid: {', '.join(SUITE_NAMES)}, all)")
-    out = []
-    for n in names:
-        res = run_suite(n, scale=args.scale, tokens=args.tokens, out=args.out, seed=args.seed,
-                        batch_size=args.batch_size, eval_tokens=args.eval_tokens, data=args.data,
-                        device=args.device, progress=not args.no_progress,
-                        log=lambda m: print(m, file=sys.stderr, flush=True))
-        if args.results_dir:
-            write_results(res, args.results_dir)
-        print(json.dumps(res) if args.json else format_markdown(res), flush=True)
-        out.append(res)
-    return out

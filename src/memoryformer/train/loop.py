@@ -1,0 +1,336 @@
+"""The training loop: set a run up (or restore it), then step, evaluate, log and checkpoint until it ends.
+
+- The global batch (`batch_size` sequences) is drawn by one seeded sampler and split over ranks and
+  gradient-accumulation micro-steps, so any world size sees the same tokens in the same step.
+- bf16 autocast with fp32 master weights on CUDA; fp32 on CPU.
+- `OUT/metrics.jsonl`: one JSON object per logged step; `OUT/ckpt-<step>/`, `OUT/final/`: atomic, self-contained
+  checkpoints; resuming continues bit for bit (CPU, `deterministic=True`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memoryformer import checkpoint as ckpt_io
+from memoryformer.config import ConfigError, MemoryFormerError, ModelConfig, TrainConfig
+from memoryformer.evaluate.perplexity import window_nll
+from memoryformer.train import distributed as dist_mod
+from memoryformer.train.distributed import all_reduce, barrier
+from memoryformer.train.recipe import lr_at
+from memoryformer.train.run import RESUME_FIXED, Run, autocast, batch, resume_config, setup, summary_writer
+
+
+def train(model_cfg: ModelConfig | None, tcfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> dict:
+    """Train `model_cfg` as `tcfg` says (or continue the run at `resume`) and return a summary.
+
+    Returns {"out", "checkpoint", "steps", "total_steps", "tokens", "elapsed_s", "tokens_per_s", "train_loss",
+    "val_loss", "val_ppl", "params", "stopped_by"}, where "stopped_by" is "done", "time_budget", "stop_after" or
+    "interrupt". Under torchrun every rank calls this; all return the same summary.
+    """
+    resume_path = None
+    if resume is not None:
+        fixed = {k: getattr(tcfg, k) for k in RESUME_FIXED}
+        model_cfg, _, resume_path = resume_config(resume, model_cfg, **fixed)
+    if model_cfg is None:
+        raise ConfigError("model_cfg: a ModelConfig is needed unless resuming")
+    seq_len = tcfg.seq_len or model_cfg.max_seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"seq_len: {seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    rt = dist_mod.setup_runtime(tcfg.device, tcfg.fsdp)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    try:
+        run = setup(model_cfg, tcfg, rt, seq_len, resume_path)
+        if run.step >= run.total:
+            return already_complete(run, resume_path)
+        open_outputs(run, resume_path)
+        return finish(run, loop(run))
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        dist_mod.teardown(rt)
+
+
+def already_complete(run: Run, resume_path: Path | None) -> dict:
+    if run.rt.is_main and run.tcfg.verbose:
+        print(f"{resume_path}: the run is already complete ({run.step} of {run.total} steps); "
+              "pass a larger --max-steps or --max-tokens to continue it")
+    return summary(run, str(resume_path), run.last.get("val_loss"), "done")
+
+
+def open_outputs(run: Run, resume_path: Path | None) -> None:
+    """The run folder, metrics.jsonl (cut back to the resumed step), TensorBoard, and the run header."""
+    out, metrics = run.out, run.out / "metrics.jsonl"
+    if run.rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_path is None and metrics.exists():
+            if ckpt_io.list_checkpoints(out):
+                raise ckpt_io.CheckpointError(
+                    f"{out}: already holds a training run; use --resume {out} to continue it or pick a new --out")
+            metrics.unlink()
+        if resume_path is not None and metrics.exists():
+            keep = [ln for ln in metrics.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= run.step]
+            ckpt_io.write_text(metrics, "".join(k + "\n" for k in keep))
+        ckpt_io.write_text(out / "train_config.json", json.dumps(run.tcfg.to_dict(), indent=1) + "\n")
+        run.cfg.save(out / "config.json")
+        if run.tcfg.tensorboard:
+            run.tb = summary_writer()(str(out / "tensorboard"))
+    if run.rt.is_main and run.tcfg.verbose:
+        print(header(run, resume_path), flush=True)
+
+
+def header(run: Run, resume_path: Path | None) -> str:
+    n, c, t = run.bare.num_params(), run.cfg, run.tcfg
+    return (f"memoryformer train: {c.arch} {c.n_layer}x{c.d_model} ({n['dense'] / 1e6:.2f} M dense + "
+            f"{n['table'] / 1e6:.2f} M table parameters) on {run.rt.device}"
+            f"{f' x {run.rt.world} ranks' if run.rt.world > 1 else ''}\n"
+            f"  data {t.data or 'sample'}: {len(run.train_tok):,} train / {len(run.val_tok):,} val tokens; "
+            f"{t.batch_size} x {run.seq_len} = {run.tokens_per_step:,} tokens/step (micro-batch {run.micro}, "
+            f"accumulation {run.accum})\n"
+            f"  peak LR {run.peak_lr:g}, {run.total:,} steps = {run.total * run.tokens_per_step:,} tokens"
+            + (f", resuming at step {run.step} from {resume_path}" if resume_path else "") + f"\n  output {run.out}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps, evaluation, checkpoints
+
+
+def train_step(run: Run) -> tuple[float, float, float]:
+    """One optimizer step over the next global batch: (mean loss, gradient norm before clipping, LR)."""
+    lr = lr_at(run.step, run.total, run.peak_lr, run.tcfg.warmup_frac, run.tcfg.min_lr_ratio)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    starts = run.sampler.next(run.tcfg.batch_size)
+    loss_sum = torch.zeros((), device=run.rt.device)
+    sharded = run.tcfg.fsdp
+    for a in range(run.accum):
+        x = batch(run, starts, a)
+        sync = a == run.accum - 1
+        if sharded:
+            run.model.set_requires_gradient_sync(sync)
+        no_sync = run.rt.world > 1 and not sharded and not sync
+        with run.model.no_sync() if no_sync else contextlib.nullcontext():
+            with autocast(run.rt.device, run.tcfg.precision):
+                _, loss = run.model(x[:, :-1], x[:, 1:])
+            (loss / run.accum).backward()
+        loss_sum += loss.detach()
+    clip = run.tcfg.grad_clip if run.tcfg.grad_clip > 0 else float("inf")
+    gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+    return loss_sum.item() / run.accum, float(gnorm), lr
+
+
+def evaluate(run: Run) -> float:
+    """Mean next-token cross-entropy (nats) over the fixed validation windows, split over ranks."""
+    model = run.model if run.tcfg.fsdp else run.bare
+    mine = run.val_starts[run.rt.rank :: run.rt.world]
+    nll, n = window_nll(model, run.val_tok, mine, run.seq_len, run.micro, run.rt.device,
+                        autocast(run.rt.device, run.tcfg.precision))
+    total = all_reduce(torch.tensor([nll, n], dtype=torch.float64, device=run.rt.device), run.rt)
+    return (total[0] / total[1]).item()
+
+
+def save(run: Run, dest: Path) -> Path:
+    """A training checkpoint of the run as it is now (every rank takes part; rank 0 writes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    if run.tcfg.fsdp:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(run.model, options=opts)
+        osd = get_optimizer_state_dict(run.model, run.opt, options=opts)
+    else:
+        msd, osd = run.bare.state_dict(), get_optimizer_state_dict(run.bare, run.opt)
+    if run.rt.is_main:
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if run.rt.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(run.rt.device)
+        ckpt_io.save_training_checkpoint(
+            dest, model_state=msd, model_config=run.cfg, optimizer_state=osd, rng_state=rng,
+            trainer_state=dict(step=run.step, tokens=run.tokens, total_steps=run.total, elapsed_s=run.elapsed,
+                               train_time_s=run.train_time, sampler=run.sampler.state_dict(),
+                               world_size=run.rt.world, train_config=run.tcfg.to_dict(), last=run.last),
+        )
+        if run.tcfg.keep_checkpoints and dest.name != "final":
+            ckpt_io.prune_checkpoints(run.out, run.tcfg.keep_checkpoints)
+    barrier(run.rt)
+    return dest
+
+
+def log(run: Run, rec: dict) -> None:
+    if not run.rt.is_main:
+        return
+    with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+    if run.tb is not None:
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)):
+                run.tb.add_scalar(k, v, rec["step"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class StopFlag:
+    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; the second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nmemoryformer: stopping after this step and saving a checkpoint (press Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class _Window:
+    """Training numbers accumulated between two metrics lines."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    loss: float = 0.0
+    steps: int = 0
+
+
+def loop(run: Run) -> str:
+    """Train until the schedule ends or something stops it; returns why it stopped ("done", "time_budget",
+    "stop_after", "interrupt")."""
+    run.model.train()
+    first, start = run.step, time.perf_counter()
+    bar = _progress_bar(run)
+    try:
+        with StopFlag() as stop:
+            return _steps(run, stop, first, start, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _steps(run: Run, stop: StopFlag, first: int, start: float, bar) -> str:
+    t, rt = run.tcfg, run.rt
+    win = _Window()
+    while run.step < run.total:
+        t0 = time.perf_counter()
+        loss, gnorm, lr = train_step(run)
+        if not math.isfinite(loss):
+            raise MemoryFormerError(f"loss: became {loss} at step {run.step + 1}; the newest checkpoint in "
+                                    f"{run.out} is intact (try a lower --lr or a --grad-clip)")
+        dt = time.perf_counter() - t0
+        run.step, run.tokens, run.train_time = run.step + 1, run.tokens + run.tokens_per_step, run.train_time + dt
+        win.tokens, win.seconds, win.loss, win.steps = win.tokens + run.tokens_per_step, win.seconds + dt, \
+            win.loss + loss, win.steps + 1
+        # Every rank must agree on stopping: a stop request or the time budget on any rank stops all.
+        over = t.time_budget is not None and time.perf_counter() - start >= t.time_budget
+        flag = 2.0 * stop.requested + float(over)
+        if rt.world > 1:
+            flag = all_reduce(torch.tensor([flag], device=rt.device), rt, "max").item()
+        paused = t.stop_after is not None and first < t.stop_after <= run.step < run.total
+        stopping = flag > 0 or run.step == run.total or paused
+        if stopping or (t.eval_every and run.step % t.eval_every == 0) or run.step % t.log_every == 0 \
+                or run.step == 1:
+            evaluate_now = flag < 2 and (stopping or bool(t.eval_every and run.step % t.eval_every == 0))
+            _log_window(run, win, lr, gnorm, evaluate_now, bar, run.elapsed + time.perf_counter() - t0)
+            win = _Window()
+        if bar is not None:
+            bar.update(1)
+            if "loss" in run.last:
+                bar.set_postfix(loss=f"{run.last['loss']:.3f}", tok_s=f"{run.last['tokens_per_s']:,.0f}",
+                                refresh=False)
+        run.elapsed += time.perf_counter() - t0
+        if flag >= 2:
+            return "interrupt"
+        if flag >= 1:
+            return "time_budget"
+        if paused:
+            return "stop_after"
+        if t.ckpt_every and run.step % t.ckpt_every == 0 and run.step < run.total:
+            save(run, run.out / f"ckpt-{run.step}")
+    return "done"
+
+
+def _progress_bar(run: Run):
+    if not (run.rt.is_main and run.tcfg.progress):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.total, initial=run.step, unit="step", dynamic_ncols=True, desc=run.cfg.arch)
+
+
+def _log_window(run: Run, win: _Window, lr: float, gnorm: float, evaluate_now: bool, bar, elapsed: float) -> None:
+    lt = all_reduce(torch.tensor([win.loss / win.steps], device=run.rt.device), run.rt).item() / run.rt.world
+    rec = dict(step=run.step, loss=round(lt, 6), lr=lr, tokens=run.tokens,
+               tokens_per_s=round(win.tokens / max(win.seconds, 1e-9), 1), grad_norm=round(gnorm, 6),
+               elapsed_s=round(elapsed, 2))
+    if evaluate_now:
+        vl = evaluate(run)
+        rec.update(val_loss=round(vl, 6), val_ppl=round(math.exp(min(vl, 50.0)), 4))
+        run.val_loss = vl
+        line = f"step {run.step}: train loss {lt:.4f}, val loss {vl:.4f}, val ppl {rec['val_ppl']:.2f}"
+        if bar is not None:
+            bar.write(line)
+        elif run.tcfg.verbose and run.rt.is_main:
+            print(f"{line}, {rec['tokens_per_s']:,.0f} tokens/s", flush=True)
+    log(run, rec)
+    run.last = rec
+
+
+def finish(run: Run, stopped_by: str) -> dict:
+    """Check that the ranks agree, write the last checkpoint and summary.json; the summary."""
+    checksums = dist_mod.rank_checksums(run.model if run.tcfg.fsdp else run.bare, run.rt, run.tcfg.fsdp)
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"ranks disagree on the trained parameters (checksums {checksums})")
+    if stopped_by in ("interrupt", "stop_after"):
+        path = save(run, run.out / f"ckpt-{run.step}")
+        if stopped_by == "interrupt" and run.rt.is_main:
+            print(f"interrupted at step {run.step}: checkpoint saved to {path}; continue with: memoryformer train "
+                  f"--resume {run.out}", file=sys.stderr)
+    else:
+        path = save(run, run.out / "final")
+    if run.tb is not None:
+        run.tb.close()
+    val_loss = run.val_loss
+    s = summary(run, str(path), val_loss, stopped_by, checksums)
+    if run.rt.is_main:
+        ckpt_io.write_text(run.out / "summary.json", json.dumps(s, indent=1) + "\n")
+        if stopped_by != "interrupt" and val_loss is not None and run.tcfg.verbose:
+            print(f"{'done' if stopped_by == 'done' else 'paused'}: {run.step} steps, {run.tokens:,} tokens, val loss "
+                  f"{val_loss:.4f} (ppl {s['val_ppl']:.2f}); model in {path}")
+    return s
+
+
+def summary(run: Run, checkpoint: str, val_loss: float | None, stopped_by: str, checksums=None) -> dict:
+    return dict(
+        out=str(run.out), checkpoint=checkpoint, steps=run.step, total_steps=run.total, tokens=run.tokens,
+        elapsed_s=round(run.elapsed, 2), tokens_per_s=round(run.tokens / max(run.train_time, 1e-9), 1),
+        train_loss=run.last.get("loss"), val_loss=val_loss,
+        val_ppl=math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
+        params=run.bare.num_params(), stopped_by=stopped_by, arch=run.cfg.arch,
+        **({"rank_checksums": checksums} if checksums is not None else {}),
+    )
