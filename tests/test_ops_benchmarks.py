@@ -51,3 +51,25 @@ def test_quantization_script(tmp_path, capsys):
             and line.split("|")[1].strip() in ("float32", "bfloat16", "int8")}
     assert set(rows) == {"float32", "bfloat16", "int8"}
     assert rows["int8"] == pytest.approx(rows["float32"], rel=0.01)
+
+
+def test_compare_quality_pairs_seeds_and_needs_agreement(tmp_path, capsys):
+    def summary(ppls, ratio, **over):
+        per = {str(s): {"memoryformer": {"val_ppl": p}, "ppl_ratio": r} for s, (p, r) in enumerate(zip(ppls, ratio))}
+        st = lambda xs: {"mean": sum(xs) / len(xs), "std": 0.1}  # noqa: E731
+        return {"mf_overrides": over, "train_overrides": {}, "planned_tokens": 100, "complete_seeds": [0, 1, 2],
+                "per_seed": per, "stats": {"mf_ppl": st(ppls), "ratio": st(ratio)}}
+
+    cq = _load("compare_quality")
+    base = summary([100.0, 102.0, 98.0], [1.0, 1.01, 0.99])
+    clear = summary([90.0, 91.5, 88.5], [0.9, 0.91, 0.89], weighting="paper")  # every seed ~10 lower
+    mixed = summary([99.0, 103.0, 97.5], [0.99, 1.02, 0.98], weighting="x")  # signs disagree
+    assert cq.paired(base, clear, "mf")["verdict"] == "better"
+    assert cq.paired(clear, base, "mf")["verdict"] == "worse"
+    assert cq.paired(base, mixed, "mf")["verdict"] == "within the seed spread"
+    paths = []
+    for name, s in (("b", base), ("c", clear), ("m", mixed)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(__import__("json").dumps(s))
+    text = cq.main([str(p) for p in paths])
+    assert "| weighting=paper |" in text and "| better |" in text and "within the seed spread" in text
