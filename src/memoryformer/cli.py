@@ -195,7 +195,8 @@ def add_eval(p) -> None:
                    "default: the paper's six (none when only --data is given)")
     p.add_argument("--data", metavar="PATH", help="also report perplexity of this .jsonl[.xz|.gz] / .txt file or folder "
                    "(\"sample\": the bundled validation books)")
-    p.add_argument("--data-dir", metavar="DIR", help="benchmark folder (default $MEMORYFORMER_EVAL_DIR)")
+    p.add_argument("--data-dir", metavar="DIR", help="benchmark folder (docs/EVALUATION.md; default "
+                   "$MEMORYFORMER_EVAL_DIR, else lm-eval's Hugging Face datasets, cached by `datasets`)")
     p.add_argument("--limit", type=int, metavar="N", help="first N examples of each task")
     p.add_argument("--max-tokens", type=number(int), metavar="N", help="perplexity over at most N tokens of --data "
                    "(windows spread over the text, as training's validation)")
@@ -222,13 +223,13 @@ def run_eval(args) -> dict:
         parse_tasks,
         perplexity,
     )
-    from memoryformer.evaluate.tasks import resolve_data_dir
+    from memoryformer.evaluate.tasks import check_sources
 
     tasks = parse_tasks(args.tasks) if (args.tasks or not args.data) else []
     if args.batch_size < 1:
         raise MemoryFormerError(f"batch-size: expected a positive number, got {args.batch_size}")
     if tasks:
-        resolve_data_dir(args.data_dir)  # a missing benchmark folder fails before the model loads
+        check_sources(tasks, args.data_dir)  # a missing file or dataset fails before the model loads
     try:
         torch.device(args.device)
     except RuntimeError:
