@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 from helpers import FIXTURES, tiny_config, tiny_model
 
+# No test reaches the network: the Hugging Face libraries read only local files and caches.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_token_cache(tmp_path_factory):

@@ -73,6 +73,26 @@ def test_score_distribution_of_the_weights():
     assert s["layers"]["block1.l2"]["scores"]["p99"] > 0 and "weight p01" in analyze.format_summary(s)
 
 
+def test_plots_label_their_axes_and_span_the_weights_they_show():
+    model = tiny(weighting="paper")
+    tokens = np.random.default_rng(0).integers(0, 50, 500)
+    scores: dict = {}
+    counts, _ = analyze.bucket_counts(model, tokens, n_tokens=160, seq_len=16, progress=False, scores=scores)
+    fig = analyze.buckets_figure(counts)
+    grid = np.array(fig.axes).reshape(2, 6)  # two blocks; first and last table of qkv, l1, l2
+    assert all(ax.get_ylabel() for ax in grid[:, 0]) and all(ax.get_xlabel() for ax in grid[-1])
+    fig = analyze.scores_figure(scores)
+    for ax, kind in zip(fig.axes, ("qkv", "l1", "l2")):
+        assert ax.get_xlabel()
+        lo, hi = ax.get_xlim()
+        w = [analyze.score_stats(h) for n, h in scores.items() if n.endswith("." + kind)]
+        # the axis starts and ends within a few bins (12 % wide) of the smallest and largest weight, not at the
+        # histogram's ends (1e-6 and 1e4)
+        assert min(x["min"] for x in w) / 1.6 < lo <= min(x["min"] for x in w)
+        assert max(x["max"] for x in w) <= hi < max(x["max"] for x in w) * 1.6
+    assert fig.axes[0].get_ylabel()
+
+
 @pytest.mark.slow
 def test_analyze_checkpoint_writes_json_png_npz(tmp_path, capsys):
     ck = mf.save_model(tiny(vocab_size=50304), tmp_path / "ck")

@@ -36,15 +36,27 @@ def test_demo_report_compares_both_models_at_equal_tokens(tmp_path, capsys):
     assert "val PPL" in printed and f"Report: {out / 'report.md'}" in printed
 
 
-def test_demo_eval_command_reproduces_its_validation(tmp_path, capsys):
+def test_demo_eval_command_reproduces_its_validation(tmp_path, capsys, corpus):
     """The report's `memoryformer eval` line scores the same windows, so it prints the same perplexity."""
-    rep = run_demo(out=str(tmp_path / "d"), tokens=4 * 4 * 32, batch_size=4, eval_tokens=128, progress=False,
-                   overrides=TINY)
+    rep = run_demo(out=str(tmp_path / "d"), data=str(corpus), tokens=4 * 4 * 32, batch_size=4, eval_tokens=128,
+                   progress=False, overrides=TINY)
     ck = rep["rows"][0]["checkpoint"]
-    cli_main(["eval", "--checkpoint", ck, "--data", "sample", "--max-tokens", str(rep["eval_tokens"]),
+    md = (tmp_path / "d" / "report.md").read_text()
+    val_file = corpus / "toy.val.jsonl"  # the folder's validation split
+    assert f"--data {val_file} --max-tokens {rep['eval_tokens']}" in md  # the line the report prints
+    cli_main(["eval", "--checkpoint", ck, "--data", str(val_file), "--max-tokens", str(rep["eval_tokens"]),
               "--seq-len", "32", "--json", "--no-progress"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["tokens"] == rep["eval_tokens"] and out["ppl"] == pytest.approx(rep["rows"][0]["val_ppl"], rel=1e-5)
+
+
+def test_eval_source_is_the_validation_text(corpus, tmp_path):
+    assert demo_mod.eval_source(None) == demo_mod.eval_source("sample") == "sample"
+    assert demo_mod.eval_source(str(corpus)) == str(corpus / "toy.val.jsonl")
+    assert demo_mod.eval_source("hf:wikitext:wikitext-2-raw-v1") == "hf:wikitext:wikitext-2-raw-v1"
+    one = tmp_path / "books.jsonl"
+    one.write_text('{"text": "a"}\n', encoding="utf-8")
+    assert demo_mod.eval_source(str(one)) is None  # its validation is the file's last 1 %: no file to name
 
 
 def test_budget_comes_from_the_idle_calibration_not_from_timing(monkeypatch):

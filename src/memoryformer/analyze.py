@@ -145,38 +145,63 @@ def summarize(counts: dict[str, np.ndarray], tokens: int, scores: dict | None = 
     return {"tokens": tokens, "note": "qkv: one shared hash for Q, K and V", "by_kind": by_kind, "layers": layers}
 
 
-def plot_scores(scores: dict, path: str | os.PathLike, title: str = "") -> None:
-    """One panel per layer kind (qkv, l1, l2): the weight histogram of every block, log-scaled weights."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    fig.savefig(path)
+    _pyplot().close(fig)
+
+
+def plot_scores(scores: dict, path: str | os.PathLike, title: str = "") -> None:
+    """One panel per layer kind (qkv, l1, l2): the weight histogram of every block, log-scaled weights."""
+    _save(scores_figure(scores, title), path)
+
+
+def scores_figure(scores: dict, title: str = ""):
+    plt = _pyplot()
+
     kinds = [k for k in ("qkv", "l1", "l2") if any(n.endswith("." + k) for n in scores)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 2.8), dpi=110, squeeze=False)
     mids = np.sqrt(SCORE_EDGES[1:] * SCORE_EDGES[:-1])
-    for ax, kind in zip(axes[0], kinds):
+    for j, (ax, kind) in enumerate(zip(axes[0], kinds)):
+        lo, hi = len(mids), 0  # the occupied bins of this panel: the x-axis spans them, not all ten decades
         for name, h in scores.items():
             if name.endswith("." + kind):
-                ax.plot(mids, h["hist"][1:-1] / max(h["n"], 1), lw=0.9, label=name.split(".")[0])
+                frac = h["hist"][1:-1] / max(h["n"], 1)
+                ax.plot(mids, frac, lw=0.9, label=name.split(".")[0])
+                hit = np.flatnonzero(frac)
+                if hit.size:
+                    lo, hi = min(lo, hit[0]), max(hi, hit[-1])
+        if lo <= hi:
+            ax.set_xlim(SCORE_EDGES[max(lo - 2, 0)], SCORE_EDGES[min(hi + 3, len(SCORE_EDGES) - 1)])
         ax.set_xscale("log")
         ax.set_title(f"{kind}: weight of each chunk", fontsize=8)
-        ax.set_xlabel("weight", fontsize=7)
+        ax.set_xlabel("weight (log scale)", fontsize=7)
+        if j == 0:
+            ax.set_ylabel("fraction of chunks per bin", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 def plot_buckets(counts: dict[str, np.ndarray], path: str | os.PathLike, title: str = "") -> None:
-    """Figure-4-style grid: one row per block; columns = first and last table of qkv, l1, l2 (hits per row)."""
-    import matplotlib
+    """Figure-4-style grid: one row per block; columns = first and last table of qkv, l1, l2 (hits per row; the
+    dashed line is the uniform share)."""
+    _save(buckets_figure(counts, title), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def buckets_figure(counts: dict[str, np.ndarray], title: str = ""):
+    plt = _pyplot()
 
     blocks = sorted({int(k.split(".")[0][5:]) for k in counts})
     kinds = [k for k in ("qkv", "l1", "l2") if f"block{blocks[0]}.{k}" in counts]
@@ -194,11 +219,14 @@ def plot_buckets(counts: dict[str, np.ndarray], path: str | os.PathLike, title: 
             ax.set_title(f"block {b} {kind} table {t % K + 1}/{K}", fontsize=7)
             ax.tick_params(labelsize=6)
             ax.set_xlim(0, len(hits))
+            if r == len(blocks) - 1:
+                ax.set_xlabel("table row (bucket code)", fontsize=7)
+            if c == 0:
+                ax.set_ylabel("tokens hashed to it", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 def analyze_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: str | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import fields
@@ -113,6 +114,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="model_set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model field, e.g. --set n_layer=2 (repeatable)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its newest checkpoint) or from a checkpoint")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="train as N processes on this machine "
+                   "(DDP, or FSDP2 with --fsdp), as torchrun --nproc_per_node=N does, with a clean Ctrl-C")
     for f in fields(TrainConfig):
         flag, kind, help_text = "--" + f.name.replace("_", "-"), str(f.type), TRAIN_HELP.get(f.name, "")
         if "bool" in kind:
@@ -131,6 +134,12 @@ def run_train(args) -> dict:
     from memoryformer import checkpoint as ckpt_io
     from memoryformer.train import resume_config, train
 
+    if args.nproc_per_node < 1:
+        raise ConfigError(f"nproc-per-node: expected a positive number of processes, got {args.nproc_per_node}")
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:  # under torchrun (or a rank of ours): train
+        from memoryformer.launch import run_local
+
+        sys.exit(run_local(args.nproc_per_node, args.argv))
     explicit = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     model_set = key_values(args.model_set)
     try:
@@ -195,7 +204,8 @@ def add_eval(p) -> None:
                    "default: the paper's six (none when only --data is given)")
     p.add_argument("--data", metavar="PATH", help="also report perplexity of this .jsonl[.xz|.gz] / .txt file or folder "
                    "(\"sample\": the bundled validation books)")
-    p.add_argument("--data-dir", metavar="DIR", help="benchmark folder (default $MEMORYFORMER_EVAL_DIR)")
+    p.add_argument("--data-dir", metavar="DIR", help="benchmark folder (docs/EVALUATION.md; default "
+                   "$MEMORYFORMER_EVAL_DIR, else lm-eval's Hugging Face datasets, cached by `datasets`)")
     p.add_argument("--limit", type=int, metavar="N", help="first N examples of each task")
     p.add_argument("--max-tokens", type=number(int), metavar="N", help="perplexity over at most N tokens of --data "
                    "(windows spread over the text, as training's validation)")
@@ -222,13 +232,13 @@ def run_eval(args) -> dict:
         parse_tasks,
         perplexity,
     )
-    from memoryformer.evaluate.tasks import resolve_data_dir
+    from memoryformer.evaluate.tasks import check_sources
 
     tasks = parse_tasks(args.tasks) if (args.tasks or not args.data) else []
     if args.batch_size < 1:
         raise MemoryFormerError(f"batch-size: expected a positive number, got {args.batch_size}")
     if tasks:
-        resolve_data_dir(args.data_dir)  # a missing benchmark folder fails before the model loads
+        check_sources(tasks, args.data_dir)  # a missing file or dataset fails before the model loads
     try:
         torch.device(args.device)
     except RuntimeError:
@@ -455,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher passes on to its ranks
     try:
         args.func(args)
     except MemoryFormerError as e:
@@ -464,8 +475,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"memoryformer: error: {e.filename}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # `memoryformer flops | head`: the reader left; say nothing more (Python docs' recipe)
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
 

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness (`lm_eval` >= 0.4.2, extra `memoryformer[eval]`) adapter, fully offline.
+"""lm-evaluation-harness (`lm_eval` >= 0.4.2, extra `memoryformer[eval]`) adapter.
 
 - `MemoryFormerLM`: an `lm_eval` `TemplateLM` registered as "memoryformer" when this module is imported.
   lm-eval does not discover models through entry points, so import this module first (or use `run_lm_eval`):
@@ -10,7 +10,8 @@
 - `write_task_yamls(out_dir)`: task YAMLs for the local benchmark files. Each one `include`s lm-eval's own task
   definition (so prompts, choices and metrics are lm-eval's, whatever its version) and only swaps the dataset for a
   local JSON file given by absolute path; WinoGrande, stored pre-split for partial scoring, uses lm-eval's
-  multiple-input mode on the `contexts` / `continuation` / `label` fields.
+  multiple-input mode on the `contexts` / `continuation` / `label` fields. Without a benchmark folder the files
+  are first written from lm-eval's Hugging Face datasets (`evaluate.sources`); lm-eval then runs offline.
 - `run_lm_eval(...)`: both together, returning the same `{task: {"acc", "acc_norm", "n"}}` shape as
   `memoryformer.evaluate.evaluate_tasks` (`memoryformer eval --harness lm-eval` calls it).
 
@@ -42,18 +43,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from memoryformer.data import EOT_ID
 from memoryformer.evaluate.scoring import get_tokenizer
-from memoryformer.evaluate.tasks import parse_tasks, task_file
+from memoryformer.evaluate.tasks import TASKS, parse_tasks, resolve_data_dir, task_file
 
 # Where each of our tasks comes from inside lm_eval/tasks, and which split of the local file it evaluates.
-_UPSTREAM = {
-    "piqa": ("piqa/piqa.yaml", "validation"),
-    "winogrande": ("winogrande/default.yaml", "validation"),
-    "wsc": ("super_glue/wsc/default.yaml", "validation"),
-    "arc_easy": ("arc/arc_easy.yaml", "test"),
-    "arc_challenge": ("arc/arc_challenge.yaml", "test"),
-    "logiqa": ("logiqa/logiqa.yaml", "test"),
-    "lambada_openai": ("lambada/lambada_openai.yaml", "test"),
-}
+_UPSTREAM = {task: (spec.upstream, spec.split) for task, spec in TASKS.items()}
 
 
 @register_model("memoryformer")
@@ -170,12 +163,20 @@ def _lm_eval_tasks_dir() -> Path:
 
 
 def write_task_yamls(out_dir: str | os.PathLike, tasks=None, data_dir: str | os.PathLike | None = None) -> Path:
-    """Write one YAML per task into `out_dir` (usable as lm-eval's include_path); returns `out_dir`."""
+    """Write one YAML per task into `out_dir` (usable as lm-eval's include_path); returns `out_dir`.
+
+    Without a benchmark folder the records come from lm-eval's Hugging Face datasets (`evaluate.sources`), written
+    to `out_dir`/data in our layout, so both scorers read the same examples."""
     import yaml
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     upstream_root = _lm_eval_tasks_dir()
+    if resolve_data_dir(data_dir) is None:
+        from memoryformer.evaluate.sources import write_files
+
+        write_files(out / "data", tasks)
+        data_dir = out / "data"
     for task in parse_tasks(tasks):
         upstream, split = _UPSTREAM[task]
         base = upstream_root / upstream
@@ -207,11 +208,6 @@ def run_lm_eval(model, tasks=None, *, data_dir=None, limit: int | None = None, b
     """
     import logging
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     names = parse_tasks(tasks)
     if not progress:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -220,7 +216,12 @@ def run_lm_eval(model, tasks=None, *, data_dir=None, limit: int | None = None, b
     else:
         lm = MemoryFormerLM(model=model, device=device, batch_size=batch_size)
     with tempfile.TemporaryDirectory(prefix="memoryformer-lm-eval-") as tmp:
-        write_task_yamls(tmp, names, data_dir)
+        write_task_yamls(tmp, names, data_dir)  # fetches from the Hub first when there is no benchmark folder
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval itself then reads only the local files
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+
         # lm-eval prints progress and notices on stdout; keep stdout for our results (--json)
         with contextlib.redirect_stdout(sys.stderr):
             res = lm_eval.simple_evaluate(

@@ -212,8 +212,11 @@ def loglikelihood_groups(
         else:
             for ci, c in enumerate(conts):
                 plain.append((gi, ci, (ctx + c)[-(max_len + 1) :], len(c)))  # lm-eval's left truncation
-    total = sum(len(groups[g][1]) for g in shared) + len(plain)
-    bar = tqdm(total=total, desc=desc, unit="seq", disable=not progress, leave=False)
+    # progress in tokens, updated once per forward pass: longest rows come first, so counting rows (or updating
+    # per row of a finished batch) made the first estimate many times too long
+    cost = {g: len(groups[g][0]) + sum(map(len, groups[g][1])) for g in shared}
+    total = sum(cost.values()) + sum(len(w[2]) for w in plain)
+    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)
 
     # choices outnumber contexts, so padding is smallest when batches hold equally long choices first
     shared.sort(key=lambda g: (-max(map(len, groups[g][1])), -len(groups[g][0])))
@@ -226,14 +229,14 @@ def loglikelihood_groups(
             i += 1
         for g, res in zip(batch, _shared_groups(model, [groups[g] for g in batch], device, greedy)):
             results[g] = res
-            bar.update(len(res))
+        bar.update(sum(cost[g] for g in batch))
 
     plain.sort(key=lambda w: -len(w[2]))
     for j in range(0, len(plain), batch_size):
         chunk = plain[j : j + batch_size]
         for (gi, ci, _, _), res in zip(chunk, _plain_rows(model, [(r, n) for _, _, r, n in chunk], device, greedy)):
             results[gi][ci] = res
-        bar.update(len(chunk))
+        bar.update(sum(len(w[2]) for w in chunk))
     bar.close()
     return results  # type: ignore[return-value]
 

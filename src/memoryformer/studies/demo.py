@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from memoryformer import data as data_mod
-from memoryformer.config import DENSE_CONTROL, ConfigError, TrainConfig, get_config
+from memoryformer.config import DENSE_CONTROL, SAMPLE, ConfigError, TrainConfig, get_config
 from memoryformer.flops import forward_flops_per_token
 from memoryformer.generate import generate
 from memoryformer.studies.rounds import Contender, milestones, run_rounds
@@ -48,6 +48,19 @@ def sample_text(model, prompt: str, n_tokens: int = 40, temperature: float = 0.8
     ids = torch.tensor([data_mod.encode(prompt)], device=device)  # (1, T)
     out = generate(model.eval(), ids, n_tokens, temperature=temperature, generator=torch.Generator().manual_seed(seed))
     return data_mod.decode(out[0, ids.shape[1] :].tolist())
+
+
+def eval_source(data: str | None) -> str | None:
+    """The `memoryformer eval --data` value whose text is the demo's validation split, or None where there is none
+    (validation held out as the tail of the training files)."""
+    if data in (None, SAMPLE):
+        return SAMPLE
+    plan = data_mod.plan_splits(data)["val"]
+    if plan.part != "all":
+        return None
+    if plan.hf_split is not None:
+        return data  # hf:NAME: eval scores its validation split too
+    return plan.sources[0] if len(plan.sources) == 1 else None
 
 
 def _read_metrics(run: Path) -> list[dict]:
@@ -146,8 +159,12 @@ def _markdown(rep: dict, rows: list[dict]) -> list[str]:
                     f"{CONCLUSIVE_TOKENS:,} tokens the ratio of micro models moves by more than its spread over "
                     "seeds (benchmarks/results/quality_micro_cpu_5M.md, quality_micro_cpu_1M_*_seeds.md).**")
     src = "the bundled Gutenberg sample" if rep["data"] == "sample" else rep["data"]
-    ev = (f"memoryformer eval --checkpoint {rows[0]['checkpoint']} --data {rep['data']} --max-tokens "
-          f"{rep['eval_tokens']} --seq-len {rep['seq_len']}")
+    val_src = eval_source(None if rep["data"] == "sample" else rep["data"])
+    if val_src is None:
+        same = "(held out as the tail of the training files, so no `memoryformer eval --data` line scores them)"
+    else:
+        same = (f"`memoryformer eval --checkpoint {rows[0]['checkpoint']} --data {val_src} --max-tokens "
+                f"{rep['eval_tokens']} --seq-len {rep['seq_len']}` scores the same windows")
     return [
         f"# memoryformer demo: {rep['preset']} MemoryFormer vs {rep['dense']}", "",
         f"Both trained on {src} for the same {rep['tokens']:,} tokens ({rep['steps']} steps of {rep['batch_size']} x "
@@ -155,7 +172,7 @@ def _markdown(rep: dict, rows: list[dict]) -> list[str]:
         f"{rows[0]['lr']:g}, dense {rows[1]['lr']:g}), on {rep['device']}. Wall time {rep['minutes']} min.", "",
         f"Validation: {rep['eval_tokens']:,} tokens of held-out books ({rep['eval_tokens'] // rep['seq_len']} windows "
         f"of {rep['seq_len'] + 1} tokens spread evenly over the {rep['val_tokens_total']:,} validation tokens), the "
-        f"same windows for both models; `{ev}` scores the same windows.", "",
+        f"same windows for both models; {same}.", "",
         *_table(rows), "", verdict,
         "FLOPs per token: multiply-accumulates of one forward pass at this sequence length, LM head included "
         "(the head dominates at this width).", "", "![loss curves](loss.png)", "",

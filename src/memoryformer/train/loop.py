@@ -185,16 +185,18 @@ def log(run: Run, rec: dict) -> None:
 class StopFlag:
     """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; the second one interrupts at once."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.requested = False
+        self.announce = announce  # one rank says it, not every rank
         self._old = {}
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nmemoryformer: stopping after this step and saving a checkpoint (press Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)
+        if self.announce:
+            print("\nmemoryformer: stopping after this step and saving a checkpoint (press Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self):
         import threading
@@ -226,7 +228,7 @@ def loop(run: Run) -> str:
     first, start = run.step, time.perf_counter()
     bar = _progress_bar(run)
     try:
-        with StopFlag() as stop:
+        with StopFlag(announce=run.rt.is_main) as stop:
             return _steps(run, stop, first, start, bar)
     finally:
         if bar is not None:
