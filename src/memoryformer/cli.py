@@ -343,10 +343,14 @@ def add_analyze(p) -> None:
 
 def run_analyze(args) -> list[dict]:
     from memoryformer import analyze
+    from memoryformer.integrity import ensure_dir
 
     positive(batch_size=args.batch_size, tokens=args.tokens)
+    folders = analyze.output_folders(args.checkpoint, args.out)
+    for _, out in folders:  # an unusable --out fails before any work
+        ensure_dir(out, "out")
     results = []
-    for ck, out in analyze.output_folders(args.checkpoint, args.out):
+    for ck, out in folders:
         s = analyze.analyze_checkpoint(ck, out, data=args.data, n_tokens=args.tokens, batch_size=args.batch_size,
                                        device=args.device, progress=not args.no_progress, verify=args.verify)
         results.append(s)

@@ -193,6 +193,11 @@ class MemoryFormerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _require_config(cfg) -> None:
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"config: expected a memoryformer.ModelConfig, got {type(cfg).__name__}")
+
+
 class LanguageModel(nn.Module):
     """Embedding -> blocks -> final norm -> untied head: what both architectures share."""
 
@@ -200,8 +205,7 @@ class LanguageModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, block_cls, final_norm: nn.Module):
         super().__init__()
-        if not isinstance(cfg, ModelConfig):
-            raise TypeError(f"config: expected a memoryformer.ModelConfig, got {type(cfg).__name__}")
+        _require_config(cfg)
         if cfg.arch != self.arch:
             raise ConfigError(f"arch: {type(self).__name__} needs arch={self.arch!r} (got {cfg.arch!r}); use build_model")
         self.config = cfg
@@ -335,6 +339,7 @@ class MemoryFormer(LanguageModel):
     arch = "memoryformer"
 
     def __init__(self, cfg: ModelConfig):
+        _require_config(cfg)  # before cfg.d_model below
         super().__init__(cfg, MemoryFormerBlock, nn.RMSNorm(cfg.d_model, eps=1e-8))
 
     def _init_blocks(self) -> None:
@@ -393,6 +398,7 @@ class Transformer(LanguageModel):
     arch = "transformer"
 
     def __init__(self, cfg: ModelConfig):
+        _require_config(cfg)
         super().__init__(cfg, TransformerBlock, nn.LayerNorm(cfg.d_model, eps=1e-5))
 
     def _init_blocks(self) -> None:
