@@ -170,7 +170,7 @@ def _edited_config(src, dst, **fields):
     ({"temperature": math.nan}, "temperature: expected a finite number"),
     ({"rotary_pct": math.nan}, "rotary_pct: expected a finite number"),
     ({"rotary_pct": math.inf}, "rotary_pct: expected a finite number"),
-])
+], ids=["d_model", "temperature-nan", "rotary_pct-nan", "rotary_pct-inf"])
 def test_generate_and_resume_name_the_config_field(paths, tmp_path, capsys, fields, match):
     edited = _edited_config(ck.Path(paths["ck"]), tmp_path / "gen", **fields)
     expect_one_line(["generate", "--checkpoint", str(edited), "--prompt", "hi"], match, capsys)

@@ -113,7 +113,8 @@ TRAIN_HELP = {
     "tensorboard": "also write TensorBoard logs to OUT/tensorboard",
     "progress": "show the progress bar",
     "verbose": "print the run header and evaluations",
-    "cache_dir": "token cache folder (default $MEMORYFORMER_CACHE or ~/.cache/memoryformer)",
+    "cache_dir": "token cache folder (default $MEMORYFORMER_CACHE or ~/.cache/memoryformer); never read from a "
+    "checkpoint: pass it again with --resume",
     "val_fraction": "held-out tail when the data has no validation files (default 0.01)",
     "max_skipped_steps": "stop after this many consecutive steps skipped for a non-finite loss or gradient norm "
     "(default 5)",
