@@ -73,7 +73,7 @@ def key_values(items: list[str], flag: str = "--set") -> dict:
 
 def add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking the checkpoint against "
-                   "its manifest.json (SHA-256) and its tensors for NaN/inf (about 1-2 s per GB)")
+                   "its manifest.json (SHA-256, about 2-3 s per GB) and its tensors for NaN/inf")
 
 
 # -- train -------------------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ TRAIN_HELP = {
     "max_skipped_steps": "stop after this many consecutive steps skipped for a non-finite loss or gradient norm "
     "(default 5)",
     "verify": "check the checkpoint resumed from and the token cache against their SHA-256 (default; --no-verify "
-    "skips it, about 1-2 s per GB)",
+    "skips it; SHA-256 costs about 2-3 s per GB on one core)",
 }
 CHOICES = {"device": DEVICES, "precision": PRECISIONS}
 

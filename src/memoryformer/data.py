@@ -8,7 +8,7 @@
   `val_fraction` of the token stream, starting at a document boundary, is held out.
 - Tokens are written once to a flat uint16 file (`<|endoftext|>` after every document) under the cache directory
   (`$MEMORYFORMER_CACHE`, default `~/.cache/memoryformer`), keyed by the SHA-256 of each source file's content and
-  of the tokenizer, and read back as a memory map. The entry's own SHA-256 is checked on every load (about 1-2 s per
+  of the tokenizer, and read back as a memory map. The entry's own SHA-256 is checked on every load (about 2-3 s per
   GB, `verify=False` skips it) and a damaged entry is rebuilt. A source is hashed again only when its size, mtime or
   ctime changed (recorded under `CACHE/sources/`), so an in-place edit that keeps size and mtime is still seen.
 - `WindowSampler` draws training windows of `seq_len + 1` tokens at uniformly random offsets from a seeded
