@@ -230,13 +230,14 @@ def buckets_figure(counts: dict[str, np.ndarray], title: str = ""):
 
 
 def analyze_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: str | None = None,
-                       n_tokens: int = 262_144, batch_size: int = 8, device: str = "cpu", progress: bool = True) -> dict:
+                       n_tokens: int = 262_144, batch_size: int = 8, device: str = "cpu", progress: bool = True,
+                       verify: bool = True) -> dict:
     """Load a checkpoint, count bucket hits over validation text (`data` as `memoryformer train --data`; default: the
     bundled sample's validation books) and write OUT/buckets.json, OUT/buckets.png and OUT/bucket_counts.npz."""
     from memoryformer import data as data_mod
     from memoryformer.checkpoint import load_model
 
-    model = load_model(checkpoint, device=device)
+    model = load_model(checkpoint, device=device, verify=verify)
     if not memory_layers(model):
         raise MemoryFormerError(f"{checkpoint}: a {model.config.arch} model has no Memory Layers to analyse")
     if n_tokens < 1:

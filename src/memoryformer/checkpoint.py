@@ -1,4 +1,5 @@
-"""Checkpoints: a directory with `model.safetensors` and `config.json` (the resolved ModelConfig).
+"""Checkpoints: a directory with `model.safetensors`, `config.json` (the resolved ModelConfig) and `manifest.json`
+(size and SHA-256 of each file, see `memoryformer.integrity`).
 
 A training checkpoint (`OUT/ckpt-<step>/`, `OUT/final/`) adds everything needed to continue bit for bit, and no
 pickles:
@@ -6,13 +7,16 @@ pickles:
 - `rng.safetensors`: torch CPU (and CUDA) generator states;
 - `trainer.json`: step, tokens, elapsed time, the data sampler's generator state, the optimizer's param groups and
   the resolved training config.
-Directories are written under a temporary name and renamed into place, so a crash never leaves a partial one.
+Directories are written under a temporary name, fsynced and renamed into place, so a crash never leaves a partial
+one; a tensor holding NaN or inf is never written. Loading verifies the manifest, the tensors' finiteness and that
+`config.json` agrees with the tensors' shapes (`verify=False` skips the first two).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +25,15 @@ from pathlib import Path
 import torch
 
 from memoryformer.config import MemoryFormerError, ModelConfig
+from memoryformer.integrity import (
+    check_finite,
+    durable_replace,
+    ensure_dir,
+    finish_file,
+    replace_file,
+    verify_files,
+    write_manifest,
+)
 from memoryformer.model import build_model
 
 WEIGHTS = "model.safetensors"
@@ -28,7 +41,9 @@ CONFIG = "config.json"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 TRAINER = "trainer.json"
+TRAINING_FILES = (WEIGHTS, CONFIG, OPTIMIZER, RNG, TRAINER)
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+log = logging.getLogger("memoryformer")
 
 
 class CheckpointError(MemoryFormerError):
@@ -40,15 +55,17 @@ class CheckpointError(MemoryFormerError):
 
 
 INFERENCE_KEY = "memoryformer.inference_tables"  # safetensors metadata: "<table dtype>/<activation dtype>"
+MANIFEST_KEY = "memoryformer.manifest"  # safetensors metadata: "1" when the folder's writer wrote a manifest
 
 
 def _write_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path, extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    meta = {"format": "pt", "library": "memoryformer", **(extra or {})}
-    _replace_file(path / WEIGHTS, lambda tmp: save_file(state, tmp, metadata=meta))
-    _replace_file(path / CONFIG, cfg.save)
+    check_finite(state, f"{path / WEIGHTS}: not written")
+    meta = {"format": "pt", "library": "memoryformer", MANIFEST_KEY: "1", **(extra or {})}
+    replace_file(path / WEIGHTS, lambda tmp: save_file(state, tmp, metadata=meta))
+    replace_file(path / CONFIG, cfg.save)
 
 
 def _inference_tables(model: torch.nn.Module) -> str | None:
@@ -68,53 +85,94 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def save_model(model: torch.nn.Module, path: str | os.PathLike) -> Path:
-    """Write `model.safetensors` + `config.json` into directory `path` (created if missing).
+    """Write `model.safetensors` + `config.json` + `manifest.json` into directory `path` (created if missing).
 
     A model whose tables `to_inference` froze (int8 with per-row scales, bfloat16, ...) is saved as it is, and
-    `load_model` rebuilds it the same way.
+    `load_model` rebuilds it the same way. A model with a NaN or inf in any tensor is refused.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = ensure_dir(path, "out")
     bare = _unwrap(model)
     tag = _inference_tables(bare)
-    _write_weights(bare.state_dict(), bare.config, path, {INFERENCE_KEY: tag} if tag else None)
+    with _write_errors(path):
+        _write_weights(bare.state_dict(), bare.config, path, {INFERENCE_KEY: tag} if tag else None)
+        write_manifest(path, [WEIGHTS, CONFIG])
     return path
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load a model saved by `save_model` (or a training checkpoint directory) onto `device`."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that exists here, else one line saying why not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MemoryFormerError(f"device: {device!r} is not a torch device (cpu, cuda, cuda:0, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MemoryFormerError(f"device: {str(device)!r} requested but no CUDA GPU is available (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MemoryFormerError(f"device: {dev} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                                    "are visible")
+    elif dev.type not in ("cpu", "meta"):
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise MemoryFormerError(f"device: {str(device)!r} is not available on this machine")
+    return dev
 
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               *, verify: bool = True):
+    """Load a model saved by `save_model` (or a training checkpoint directory, or a run folder's newest checkpoint)
+    onto `device`.
+
+    `verify` (default) checks the files against `manifest.json` and every tensor for NaN/inf; `config.json` is
+    always cross-checked against the tensors' shapes.
+    """
     path = Path(path)
     if not path.is_dir():
         raise MemoryFormerError(f"{path}: not a checkpoint directory (expected {WEIGHTS} and {CONFIG} inside)")
+    device = resolve_device(device)
     if not (path / WEIGHTS).is_file() and find_checkpoint(path, required=False) is not None:
         path = find_checkpoint(path)  # a training run's output folder: its newest checkpoint
     for name in (WEIGHTS, CONFIG):
         if not (path / name).is_file():
             raise MemoryFormerError(f"{path / name}: missing (a checkpoint holds {WEIGHTS} and {CONFIG})")
+    state, meta = _read_weights(path, verify, str(device))
     cfg = ModelConfig.load(path / CONFIG)
     with torch.device("meta"):
         model = build_model(cfg)
-    try:
-        state = load_file(path / WEIGHTS, device=str(device))
-        with safe_open(path / WEIGHTS, framework="pt") as f:
-            tag = (f.metadata() or {}).get(INFERENCE_KEY)
-    except (SafetensorError, OSError, json.JSONDecodeError) as e:
-        raise MemoryFormerError(f"{path / WEIGHTS}: unreadable safetensors file ({e})") from None
     model.to_empty(device=device)
     model.init_weights()  # buffers (rotary tables) are not in the file
-    if tag:  # frozen inference tables: convert the fresh model the same way, then load into it
-        _apply_inference_tag(model, tag, path / WEIGHTS)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise MemoryFormerError(
-            f"{path / WEIGHTS}: does not match {CONFIG} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
+    if meta.get(INFERENCE_KEY):  # frozen inference tables: convert the fresh model the same way, then load into it
+        _apply_inference_tag(model, meta[INFERENCE_KEY], path / WEIGHTS)
+    check_config(cfg, state, model.state_dict(), path)
+    model.load_state_dict(state, strict=False)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _read_weights(path: Path, verify: bool, device: str = "cpu", names=(WEIGHTS, CONFIG)) -> tuple[dict, dict]:
+    """(tensors, safetensors metadata) of path/model.safetensors; with `verify`, the files `names` checked against
+    the manifest and the tensors checked for NaN/inf."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if verify:  # before parsing anything: a truncated or damaged file is named as such
+            verify_files(path, names, required=lambda: _metadata(path).get(MANIFEST_KEY) == "1")
+        meta = _metadata(path)
+        state = load_file(path / WEIGHTS, device=device)
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors file ({e})") from None
+    if verify:
+        check_finite(state, str(path / WEIGHTS))
+    return state, meta
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path / WEIGHTS, framework="pt") as f:
+        return f.metadata() or {}
 
 
 def _apply_inference_tag(model: torch.nn.Module, tag: str, file: Path) -> None:
@@ -139,6 +197,57 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# config.json against the tensors
+
+
+def infer_config_fields(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """The ModelConfig fields that a state dict's tensor names and shapes determine."""
+    out: dict = {}
+    if len(shapes.get("embed.weight", ())) == 2:
+        out["vocab_size"], out["d_model"] = shapes["embed.weight"]
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks:
+        return out
+    out["n_layer"] = max(blocks) + 1
+    qkv = shapes.get("blocks.0.attn.qkv.tables")
+    out["arch"] = "memoryformer" if qkv is not None else "transformer"
+    if qkv is not None and len(qkv) == 3 and qkv[1] & (qkv[1] - 1) == 0:
+        out["tau"] = qkv[1].bit_length() - 1
+        l2 = shapes.get("blocks.0.mlp.l2.tables")
+        if l2 is not None and len(l2) == 3:
+            out["expand_bits"] = l2[1].bit_length() - 1 - out["tau"]
+        out["memory_bias"] = "blocks.0.attn.qkv.bias" in shapes
+        out["hash_projection"] = "blocks.0.attn.qkv.proj.weight" in shapes
+    fc = shapes.get("blocks.0.mlp.fc.weight")
+    if fc is not None and "d_model" in out and out["d_model"]:
+        out["ffn_mult"] = fc[0] // out["d_model"]
+    if "blocks.0.attn.core.E" in shapes:
+        k, block = shapes["blocks.0.attn.core.E"]
+        out.update(attention="linformer", linformer_k=k, max_seq_len=k * block)
+    if "blocks.0.attn.core.proj" in shapes:
+        out.update(attention="performer", performer_features=shapes["blocks.0.attn.core.proj"][0])
+    return out
+
+
+def check_config(cfg: ModelConfig, state: dict, expected: dict, path: Path) -> None:
+    """`config.json` against the tensors read from `model.safetensors`: the first field they contradict, else the
+    first tensor whose name or shape differs from what the config builds (`expected`: the built model's state)."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for name, value in infer_config_fields(shapes).items():
+        if getattr(cfg, name) != value:
+            raise CheckpointError(f"{path / CONFIG}: {name}={getattr(cfg, name)!r} does not match {WEIGHTS}, whose "
+                                  f"tensors give {name}={value!r}")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path / WEIGHTS}: does not match {CONFIG} (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]})")
+    for k, want in expected.items():
+        if shapes[k] != tuple(want.shape):
+            raise CheckpointError(f"{path / WEIGHTS}: tensor {k!r} has shape {shapes[k]}, but {CONFIG} builds "
+                                  f"{tuple(want.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Training checkpoints
 
 
@@ -148,42 +257,46 @@ def is_checkpoint_name(name: str) -> bool:
 
 
 def write_text(dest: str | os.PathLike, text: str) -> None:
-    """Write a small text file atomically (readers see the old or the new content, never a mix)."""
-    _replace_file(Path(dest), lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
-def _replace_file(dest: Path, write) -> None:
-    """Call `write(tmp_path)` and rename the result onto `dest`, so readers never see a partial file."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write a small text file atomically and durably (readers see the old or the new content, never a mix)."""
+    replace_file(Path(dest), lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike):
-    """Yield a temporary sibling of `dest` to fill; on success it replaces `dest` in one rename."""
+    """Yield a temporary sibling of `dest` to fill; on success its files are fsynced and it replaces `dest` in one
+    rename."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(dest.parent)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         yield tmp
+        for f in tmp.iterdir():
+            finish_file(f)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
-            os.replace(tmp, dest)
+            durable_replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, dest)
+            durable_replace(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _write_errors(dest: Path):
+    """A full disk, a file-size limit or a read-only place, as one line naming the checkpoint."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        why = getattr(e, "strerror", None) or " ".join(str(e).split())
+        raise CheckpointError(f"{dest}: cannot write the checkpoint ({why}); nothing was replaced") from None
 
 
 def _flatten_optimizer(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -215,45 +328,61 @@ def save_training_checkpoint(
     rng_state: dict[str, torch.Tensor],
     trainer_state: dict,
 ) -> Path:
-    """Write a self-contained training checkpoint directory atomically; returns its path."""
+    """Write a self-contained training checkpoint directory atomically; returns its path.
+
+    Refused (nothing written, an IntegrityError naming the tensor) when a model or optimizer tensor is not finite;
+    a failed write (full disk, file-size limit) is a CheckpointError and leaves the previous checkpoints as they were.
+    """
     from safetensors.torch import save_file
 
     dest = Path(dest)
     opt_tensors, opt_rest = _flatten_optimizer(optimizer_state)
-    with atomic_dir(dest) as tmp:
+    check_finite(model_state, f"{dest}: not written: the model")
+    check_finite(opt_tensors, f"{dest}: not written: the optimizer state")
+    with _write_errors(dest), atomic_dir(dest) as tmp:
         _write_weights(model_state, model_config, tmp)
         save_file(opt_tensors, tmp / OPTIMIZER)
         save_file({k: v.contiguous().cpu() for k, v in rng_state.items()}, tmp / RNG)
         with open(tmp / TRAINER, "w", encoding="utf-8") as f:
             json.dump({**trainer_state, "optimizer": opt_rest}, f, indent=1)
             f.write("\n")
+        write_manifest(tmp, list(TRAINING_FILES))
     return dest
 
 
-def load_training_checkpoint(path: str | os.PathLike) -> dict:
-    """{"path", "model_config", "model_state", "optimizer_state", "rng_state", "trainer_state"} of a checkpoint."""
+def load_training_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict:
+    """{"path", "model_config", "model_state", "optimizer_state", "rng_state", "trainer_state"} of a checkpoint.
+
+    With `verify`: every file against the manifest, every tensor finite; the config always against the weights.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    for name in (WEIGHTS, CONFIG, OPTIMIZER, RNG, TRAINER):
+    for name in TRAINING_FILES:
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing (not a complete training checkpoint)")
+    state, _ = _read_weights(path, verify, names=TRAINING_FILES)
     try:
         trainer = json.loads((path / TRAINER).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / TRAINER}: not valid JSON ({e})") from None
-    tensors = {}
-    for name in (WEIGHTS, OPTIMIZER, RNG):
+        opt_rest = trainer.pop("optimizer")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path / TRAINER}: not a training state ({type(e).__name__}: {e})") from None
+    tensors = {WEIGHTS: state}
+    for name in (OPTIMIZER, RNG):
         try:
             tensors[name] = load_file(path / name)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path / name}: unreadable safetensors file ({e})") from None
-    opt_rest = trainer.pop("optimizer")
+    if verify:
+        check_finite(tensors[OPTIMIZER], str(path / OPTIMIZER))
+    cfg = ModelConfig.load(path / CONFIG)
+    with torch.device("meta"):
+        check_config(cfg, state, build_model(cfg).state_dict(), path)
     return {
         "path": path,
-        "model_config": ModelConfig.load(path / CONFIG),
-        "model_state": tensors[WEIGHTS],
+        "model_config": cfg,
+        "model_state": state,
         "optimizer_state": _unflatten_optimizer(tensors[OPTIMIZER], opt_rest),
         "rng_state": tensors[RNG],
         "trainer_state": trainer,
@@ -267,7 +396,7 @@ def list_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
     if not out.is_dir():
         return found
     for p in out.iterdir():
-        if not p.is_dir() or not (_CKPT_RE.match(p.name) or p.name == "final") or not (p / TRAINER).is_file():
+        if not p.is_dir() or not is_checkpoint_name(p.name) or not (p / TRAINER).is_file():
             continue
         try:
             step = int(json.loads((p / TRAINER).read_text(encoding="utf-8"))["step"])
@@ -293,8 +422,34 @@ def find_checkpoint(path: str | os.PathLike, required: bool = True) -> Path | No
     raise CheckpointError(f"{path}: no training checkpoint (ckpt-<step>/ or final/ with {TRAINER}) to resume from")
 
 
+def find_resumable(path: str | os.PathLike, *, verify: bool = True) -> Path:
+    """The checkpoint to resume from, checked: `path` itself if it is one (an error if it does not load), else the
+    newest checkpoint inside it that loads and verifies; each newer one skipped is logged with the reason."""
+    path = Path(path)
+    if (path / TRAINER).is_file():
+        load_training_checkpoint(path, verify=verify)
+        return path
+    candidates = list_checkpoints(path)
+    skipped = [p for p in (path.iterdir() if path.is_dir() else ()) if p.is_dir() and is_checkpoint_name(p.name)
+               and p not in {c for _, c in candidates}]
+    for p in skipped:
+        log.warning("memoryformer: skipping %s: no readable %s", p, TRAINER)
+    for _, ck in reversed(candidates):
+        try:
+            load_training_checkpoint(ck, verify=verify)
+        except MemoryFormerError as e:
+            log.warning("memoryformer: skipping %s: %s", ck, e)
+            continue
+        return ck
+    if candidates or skipped:
+        raise CheckpointError(f"{path}: none of its {len(candidates) + len(skipped)} checkpoint(s) loads intact "
+                              "(see the lines above); nothing to resume from")
+    return find_checkpoint(path)  # raises: no checkpoint at all
+
+
 def prune_checkpoints(out: str | os.PathLike, keep: int) -> None:
     """Delete all but the newest `keep` ckpt-<step>/ directories (final/ is never deleted)."""
     ckpts = [(s, p) for s, p in list_checkpoints(out) if p.name != "final"]
     for _, p in ckpts[: max(0, len(ckpts) - keep)]:
         shutil.rmtree(p, ignore_errors=True)
+

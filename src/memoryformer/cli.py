@@ -53,6 +53,13 @@ def duration(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
+def positive(**flags) -> None:
+    """Each integer flag given as a keyword is >= 1 (None: not given), else one line naming it."""
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{name.replace('_', '-')}: expected a positive integer, got {value}")
+
+
 def key_values(items: list[str], flag: str = "--set") -> dict:
     import yaml
 
@@ -63,6 +70,11 @@ def key_values(items: list[str], flag: str = "--set") -> dict:
             raise ConfigError(f"{flag}: expected KEY=VALUE, got {item!r}")
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking the checkpoint against "
+                   "its manifest.json (SHA-256, about 2-3 s per GB) and its tensors for NaN/inf")
 
 
 # -- train -------------------------------------------------------------------------------------------------------
@@ -102,8 +114,13 @@ TRAIN_HELP = {
     "tensorboard": "also write TensorBoard logs to OUT/tensorboard",
     "progress": "show the progress bar",
     "verbose": "print the run header and evaluations",
-    "cache_dir": "token cache folder (default $MEMORYFORMER_CACHE or ~/.cache/memoryformer)",
+    "cache_dir": "token cache folder (default $MEMORYFORMER_CACHE or ~/.cache/memoryformer); never read from a "
+    "checkpoint: pass it again with --resume",
     "val_fraction": "held-out tail when the data has no validation files (default 0.01)",
+    "max_skipped_steps": "stop after this many consecutive steps skipped for a non-finite loss or gradient norm "
+    "(default 5)",
+    "verify": "check the checkpoint resumed from and the token cache against their SHA-256 (default; --no-verify "
+    "skips it; SHA-256 costs about 2-3 s per GB on one core)",
 }
 CHOICES = {"device": DEVICES, "precision": PRECISIONS}
 
@@ -149,7 +166,8 @@ def run_train(args) -> dict:
                 model_cfg, file_train = load_run_config(args.config, model_set)
                 explicit = {**file_train, **explicit}
             elif model_set:
-                saved = ModelConfig.load(ckpt_io.find_checkpoint(args.resume) / ckpt_io.CONFIG)
+                found = ckpt_io.find_resumable(args.resume, verify=explicit.get("verify", True))
+                saved = ModelConfig.load(found / ckpt_io.CONFIG)
                 model_cfg = saved.replace(**model_set)
             cfg, tcfg, path = resume_config(args.resume, model_cfg, **explicit)
             summary = train(cfg, tcfg, resume=path)
@@ -191,6 +209,7 @@ def run_demo(args) -> dict:
         raise ConfigError(f"minutes: expected a positive number (got {args.minutes})")
     if args.tokens is not None and args.tokens < 1:
         raise ConfigError(f"tokens: expected a positive number (got {args.tokens})")
+    positive(batch_size=args.batch_size, eval_tokens=args.eval_tokens)
     return demo(args.minutes, args.out, preset=args.preset, data=args.data, tokens=args.tokens,
                 batch_size=args.batch_size, eval_tokens=args.eval_tokens, device=args.device, seed=args.seed,
                 progress=args.progress)
@@ -218,6 +237,7 @@ def add_eval(p) -> None:
                    help="score with our scorer (default) or through lm-evaluation-harness (extra [eval])")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_verify(p)
 
 
 def run_eval(args) -> dict:
@@ -235,15 +255,14 @@ def run_eval(args) -> dict:
     from memoryformer.evaluate.tasks import check_sources
 
     tasks = parse_tasks(args.tasks) if (args.tasks or not args.data) else []
-    if args.batch_size < 1:
-        raise MemoryFormerError(f"batch-size: expected a positive number, got {args.batch_size}")
+    positive(batch_size=args.batch_size, seq_len=args.seq_len, limit=args.limit, max_tokens=args.max_tokens)
     if tasks:
         check_sources(tasks, args.data_dir)  # a missing file or dataset fails before the model loads
     try:
         torch.device(args.device)
     except RuntimeError:
         raise MemoryFormerError(f"device: {args.device!r} is not a torch device (cpu, cuda, cuda:0, ...)") from None
-    model = load_model(args.checkpoint, device=args.device)
+    model = load_model(args.checkpoint, device=args.device, verify=args.verify)
     if args.tables:
         from memoryformer.layers import to_inference
 
@@ -299,6 +318,7 @@ def add_ablate(p) -> None:
 def run_ablate(args) -> list[dict]:
     from memoryformer.studies import ablate
 
+    positive(tokens=args.tokens, batch_size=args.batch_size, eval_tokens=args.eval_tokens)
     names = list(ablate.SUITE_NAMES) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
     for n in names:
         if n not in ablate.SUITE_NAMES:
@@ -329,15 +349,21 @@ def add_analyze(p) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true")
+    add_verify(p)
 
 
 def run_analyze(args) -> list[dict]:
     from memoryformer import analyze
+    from memoryformer.integrity import ensure_dir
 
+    positive(batch_size=args.batch_size, tokens=args.tokens)
+    folders = analyze.output_folders(args.checkpoint, args.out)
+    for _, out in folders:  # an unusable --out fails before any work
+        ensure_dir(out, "out")
     results = []
-    for ck, out in analyze.output_folders(args.checkpoint, args.out):
+    for ck, out in folders:
         s = analyze.analyze_checkpoint(ck, out, data=args.data, n_tokens=args.tokens, batch_size=args.batch_size,
-                                       device=args.device, progress=not args.no_progress)
+                                       device=args.device, progress=not args.no_progress, verify=args.verify)
         results.append(s)
         if args.json:
             print(json.dumps({"checkpoint": ck, "by_kind": s["by_kind"], "tokens": s["tokens"]}))
@@ -358,8 +384,7 @@ def add_flops(p) -> None:
 def run_flops(args) -> None:
     from memoryformer import flops
 
-    if args.seq_len < 1:
-        raise ConfigError(f"seq-len: expected a positive integer, got {args.seq_len}")
+    positive(seq_len=args.seq_len)
     print(json.dumps(flops.as_dict(args.seq_len)) if args.json else flops.report(args.seq_len))
     if args.plot:
         flops.plot_figure1(args.plot)
@@ -376,6 +401,7 @@ def add_generate(p) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    add_verify(p)
 
 
 def run_generate(args) -> str:
@@ -385,10 +411,12 @@ def run_generate(args) -> str:
     from memoryformer.data import EOT_ID, decode, encode
     from memoryformer.generate import generate
 
+    if args.seed < 0:
+        raise ConfigError(f"seed: expected an integer >= 0, got {args.seed}")
     ids = encode(args.prompt)
     if not ids:
         raise MemoryFormerError("prompt: empty (give at least one character of text to continue)")
-    model = load_model(args.checkpoint, device=args.device)
+    model = load_model(args.checkpoint, device=args.device, verify=args.verify)
     idx = torch.tensor([ids], device=args.device)
     try:
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -407,6 +435,7 @@ def add_export(p) -> None:
                    "fp32 scale per row); memoryformer.load reads it")
     p.add_argument("--hf", action="store_true", help="save_pretrained folder + tokenizer for transformers (extra [hf])")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    add_verify(p)
 
 
 def run_export(args) -> None:
@@ -416,7 +445,7 @@ def run_export(args) -> None:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
         raise MemoryFormerError(f"{out}: exists and is not an empty folder (pass --force to write into a folder)")
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, verify=args.verify)
     if args.hf:
         if args.tables:
             raise MemoryFormerError("tables: a Hugging Face export keeps trainable tables; drop --tables or --hf")
@@ -469,14 +498,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except MemoryFormerError as e:
-        print(f"memoryformer: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        print(f"memoryformer: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        print(f"memoryformer: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # `memoryformer flops | head`: the reader left; say nothing more (Python docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except OSError as e:  # a missing or unwritable path, a full disk, a file-size limit: the path and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"memoryformer: error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

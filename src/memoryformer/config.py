@@ -310,6 +310,8 @@ class TrainConfig(_Serialisable):
     verbose: bool = True  # print the run header and evaluations on rank 0
     cache_dir: str | None = None  # token cache; None: $MEMORYFORMER_CACHE or ~/.cache/memoryformer
     val_fraction: float = 0.01  # held-out tail when the data has no validation files
+    max_skipped_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient norm
+    verify: bool = True  # check checkpoints and the token cache against their SHA-256 when resuming
 
     def __post_init__(self):
         f = Fields(self)
@@ -321,7 +323,8 @@ class TrainConfig(_Serialisable):
         for name, lo, opt in (("batch_size", 1, False), ("micro_batch_size", 1, True), ("seq_len", 1, True),
                               ("max_steps", 1, True), ("max_tokens", 1, True), ("stop_after", 1, True),
                               ("eval_every", 0, False), ("eval_tokens", 1, False), ("log_every", 1, False),
-                              ("ckpt_every", 0, False), ("keep_checkpoints", 1, True), ("seed", 0, False)):
+                              ("ckpt_every", 0, False), ("keep_checkpoints", 1, True), ("seed", 0, False),
+                              ("max_skipped_steps", 1, False)):
             f.integer(name, lo, optional=opt)
         f.number("lr", 0.0, optional=True, open_lo=True)
         for name, lo, hi in (("min_lr_ratio", 0.0, 1.0), ("warmup_frac", 0.0, 1.0), ("weight_decay", 0.0, None),
@@ -329,7 +332,7 @@ class TrainConfig(_Serialisable):
             f.number(name, lo, hi)
         f.number("time_budget", 0.0, optional=True, open_lo=True)
         f.number("val_fraction", 0.0, 0.5, open_lo=True)
-        for name in ("exclude_tables_from_wd", "deterministic", "fsdp", "tensorboard", "progress", "verbose"):
+        for name in ("exclude_tables_from_wd", "deterministic", "fsdp", "tensorboard", "progress", "verbose", "verify"):
             f.flag(name)
         f.one_of("device", DEVICES)
         f.one_of("precision", PRECISIONS)

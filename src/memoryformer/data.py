@@ -7,8 +7,10 @@
   are skipped; everything else is training text. With no validation file (or a single file), the last
   `val_fraction` of the token stream, starting at a document boundary, is held out.
 - Tokens are written once to a flat uint16 file (`<|endoftext|>` after every document) under the cache directory
-  (`$MEMORYFORMER_CACHE`, default `~/.cache/memoryformer`), keyed by a hash of the inputs (path, size, mtime) and of
-  the tokenizer, and read back as a memory map.
+  (`$MEMORYFORMER_CACHE`, default `~/.cache/memoryformer`), keyed by the SHA-256 of each source file's content and
+  of the tokenizer, and read back as a memory map. The entry's own SHA-256 is checked on every load (about 2-3 s per
+  GB, `verify=False` skips it) and a damaged entry is rebuilt. A source is hashed again only when its size, mtime or
+  ctime changed (recorded under `CACHE/sources/`), so an in-place edit that keeps size and mtime is still seen.
 - `WindowSampler` draws training windows of `seq_len + 1` tokens at uniformly random offsets from a seeded
   generator whose state is the data position saved in checkpoints.
 """
@@ -20,6 +22,7 @@ import glob as globlib
 import gzip
 import hashlib
 import json
+import logging
 import lzma
 import os
 import re
@@ -32,14 +35,16 @@ import numpy as np
 import torch
 
 from memoryformer.config import SAMPLE, MemoryFormerError
+from memoryformer.integrity import file_matches, finish_file, remembered_digest, sha256_file
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_FILE = ASSETS / "tokenizer.json"
 SAMPLE_FILES = {"train": ASSETS / "sample.train.jsonl.xz", "val": ASSETS / "sample.val.jsonl.xz"}
 EOT_ID = 0  # <|endoftext|> in the GPT-NeoX-20B vocabulary
-CACHE_FORMAT = 1  # bump when the cached token layout changes
+CACHE_FORMAT = 2  # bump when the cached token layout or its key changes
 TEXT_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz", ".txt", ".txt.xz", ".txt.gz")
 _VAL_WORDS = {"val", "valid", "validation", "dev"}
+log = logging.getLogger("memoryformer")
 _TEST_WORDS = {"test"}
 
 
@@ -231,14 +236,10 @@ def _hf_documents(spec: str, split: str) -> Iterator[str]:
 # Token cache
 
 
-def _source_key(split: Split) -> dict:
+def _source_key(split: Split, root: Path) -> dict:
     items = []
     for s in split.sources:
-        if s.startswith("hf:"):
-            items.append([s, split.hf_split])
-        else:
-            st = Path(s).stat()
-            items.append([str(Path(s).resolve()), st.st_size, st.st_mtime_ns])
+        items.append([s, split.hf_split] if s.startswith("hf:") else ["sha256", remembered_digest(s, root / "sources", DataError)])
     return {"format": CACHE_FORMAT, "tokenizer": tokenizer_hash(), "sources": items}
 
 
@@ -287,34 +288,53 @@ def _tokenize_to(split: Split, out_path: Path, progress: bool) -> tuple[int, int
     return n_tokens, n_docs
 
 
-def _cached_stream(split: Split, cache_dir: str | os.PathLike | None, progress: bool) -> np.ndarray:
-    """The whole token stream of `split.sources` as a read-only uint16 memmap, tokenizing on first use."""
-    key_obj = _source_key(split)
-    key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()[:24]
+def _cached_stream(split: Split, cache_dir: str | os.PathLike | None, progress: bool,
+                   verify: bool = True) -> tuple[np.ndarray, str]:
+    """(the whole token stream of `split.sources` as a read-only uint16 memmap, its SHA-256), tokenizing on first
+    use (and again when the cached entry no longer matches its recorded size and SHA-256)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{root}: cannot create the token cache folder ({e.strerror})") from None
+    key_obj = _source_key(split, root)
+    key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()[:24]
     bin_path, meta_path = root / f"tokens-{key}.bin", root / f"tokens-{key}.json"
     if meta_path.is_file() and bin_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if bin_path.stat().st_size == 2 * meta["n_tokens"] and meta["n_tokens"] > 0:
-                return np.memmap(bin_path, dtype=np.uint16, mode="r")
-        except (OSError, ValueError, KeyError):
-            pass  # damaged cache entry: rebuild it below
+        why, sha = _stale(bin_path, meta_path, verify)
+        if why is None:
+            return np.memmap(bin_path, dtype=np.uint16, mode="r"), sha
+        log.warning("memoryformer: token cache %s %s; tokenizing %s again", bin_path, why, ", ".join(split.sources))
     tmp_bin = root / f".tokens-{key}.{os.getpid()}.bin.tmp"
     try:
         n_tokens, n_docs = _tokenize_to(split, tmp_bin, progress)
+        finish_file(tmp_bin)
+        digest = sha256_file(tmp_bin)
         os.replace(tmp_bin, bin_path)
     finally:
         if tmp_bin.exists():
             tmp_bin.unlink()
     tmp_meta = root / f".tokens-{key}.{os.getpid()}.json.tmp"
-    tmp_meta.write_text(json.dumps({**key_obj, "n_tokens": n_tokens, "n_docs": n_docs}, indent=1))
+    tmp_meta.write_text(json.dumps({**key_obj, "n_tokens": n_tokens, "n_docs": n_docs, "sha256": digest}, indent=1))
+    finish_file(tmp_meta)
     os.replace(tmp_meta, meta_path)  # the metadata file marks the entry complete
-    return np.memmap(bin_path, dtype=np.uint16, mode="r")
+    return np.memmap(bin_path, dtype=np.uint16, mode="r"), digest
+
+
+def _stale(bin_path: Path, meta_path: Path, verify: bool) -> tuple[str | None, str]:
+    """(why a cache entry cannot be used, or None if it can; its recorded SHA-256)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        n, sha = meta["n_tokens"], meta["sha256"]
+        if not (isinstance(n, int) and n > 0 and isinstance(sha, str)):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        return "has an unreadable record", ""
+    if bin_path.stat().st_size != 2 * n:
+        return f"holds {bin_path.stat().st_size} bytes, not the {2 * n} recorded", sha
+    if verify and not file_matches(bin_path, sha):
+        return "does not match its recorded SHA-256 (damaged)", sha
+    return None, sha
 
 
 def _tail_start(stream: np.ndarray, fraction: float) -> int:
@@ -335,19 +355,32 @@ def load_tokens(
     cache_dir: str | os.PathLike | None = None,
     val_fraction: float = 0.01,
     progress: bool = False,
+    verify: bool = True,
 ) -> np.ndarray:
-    """Token ids (uint16, 1-D memmap) of one split ("train" or "val") of a data source; tokenizes on first use."""
+    """Token ids (uint16, 1-D memmap) of one split ("train" or "val") of a data source; tokenizes on first use.
+    `verify` checks the cached tokens against their recorded SHA-256 (rebuilding them when they differ)."""
+    return token_split(data, split, val_data=val_data, cache_dir=cache_dir, val_fraction=val_fraction,
+                       progress=progress, verify=verify)[0]
+
+
+def token_split(data: str | None = None, split: str = "train", *, val_data: str | None = None,
+                cache_dir: str | os.PathLike | None = None, val_fraction: float = 0.01, progress: bool = False,
+                verify: bool = True) -> tuple[np.ndarray, str]:
+    """(`load_tokens(...)`, fingerprint): the fingerprint names the exact tokens (the SHA-256 of the cached stream
+    and the slice taken), so a resumed run can tell that its data is what the checkpoint was trained on."""
     if split not in ("train", "val"):
         raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
     s = plan_splits(data, val_data)[split]
-    stream = _cached_stream(s, cache_dir, progress)
-    if s.part == "all":
-        return stream
-    cut = _tail_start(stream, val_fraction)
-    return stream[:cut] if s.part == "head" else stream[cut:]
+    stream, sha = _cached_stream(s, cache_dir, progress, verify)
+    lo, hi = 0, len(stream)
+    if s.part != "all":
+        cut = _tail_start(stream, val_fraction)
+        lo, hi = (0, cut) if s.part == "head" else (cut, len(stream))
+    return stream[lo:hi], f"{sha[:32]}[{lo}:{hi}]"
 
 
-def text_tokens(source: str, *, cache_dir: str | os.PathLike | None = None, progress: bool = False) -> np.ndarray:
+def text_tokens(source: str, *, cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                verify: bool = True) -> np.ndarray:
     """The whole token stream of a source to score (every text file it names, whatever its split name; "sample":
     the bundled sample's validation books; hf:NAME: its validation split), tokenized once into the cache."""
     if source == SAMPLE:
@@ -356,7 +389,7 @@ def text_tokens(source: str, *, cache_dir: str | os.PathLike | None = None, prog
         split = Split([source], "validation")
     else:
         split = Split([str(f) for f in _expand(source)])
-    return _cached_stream(split, cache_dir, progress)
+    return _cached_stream(split, cache_dir, progress, verify)[0]
 
 
 def val_tokens(data: str | None = None, *, val_data: str | None = None, cache_dir=None, **kw) -> np.ndarray:

@@ -128,6 +128,20 @@ class MemoryLayer(nn.Module):
             raise ValueError(f"input: on {x.device}, but the layer's tables are on {self.tables.device} "
                              "(move one of them with .to(device))")
 
+    def _check_hash(self, x: torch.Tensor, codes: torch.Tensor, weights: torch.Tensor) -> None:
+        want = (*x.shape[:-1], self.n_tables)
+        if tuple(codes.shape) != want or codes.shape != weights.shape:
+            raise ValueError(
+                f"hash: expected codes and weights of shape {want} (the input's leading dims, K={self.n_tables}), "
+                f"got {tuple(codes.shape)} and {tuple(weights.shape)}"
+            )
+        if codes.dtype not in (torch.int64, torch.int32) or not weights.is_floating_point():
+            raise TypeError(f"hash: expected int64/int32 codes and floating weights, got {codes.dtype} and {weights.dtype}")
+        # an out-of-range code would read a row of the next table; on GPUs this check would cost a sync per call
+        if codes.device.type == "cpu" and codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < 2**self.tau:
+            bad = int(codes.min()) if int(codes.min()) < 0 else int(codes.max())
+            raise ValueError(f"hash: code {bad} is outside the {2**self.tau} rows of a table (tau={self.tau})")
+
     def hash(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (..., K) int64, weights (..., K) float). Share it across layers with the same input and tau."""
         self._check_input(x)
@@ -142,12 +156,7 @@ class MemoryLayer(nn.Module):
             )
         else:
             codes, weights = hash
-            want = (*x.shape[:-1], self.n_tables)
-            if tuple(codes.shape) != want or codes.shape != weights.shape:
-                raise ValueError(
-                    f"hash: expected codes and weights of shape {want} (the input's leading dims, K={self.n_tables}), "
-                    f"got {tuple(codes.shape)} and {tuple(weights.shape)}"
-                )
+            self._check_hash(x, codes, weights)
             y = memory_lookup(codes, weights, self.tables, self.bias, backend=self.backend, scale=self.table_scale)
         return y if self.activation_dtype is None else y.to(self.activation_dtype)
 

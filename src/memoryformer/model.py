@@ -193,6 +193,11 @@ class MemoryFormerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _require_config(cfg) -> None:
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"config: expected a memoryformer.ModelConfig, got {type(cfg).__name__}")
+
+
 class LanguageModel(nn.Module):
     """Embedding -> blocks -> final norm -> untied head: what both architectures share."""
 
@@ -200,8 +205,7 @@ class LanguageModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, block_cls, final_norm: nn.Module):
         super().__init__()
-        if not isinstance(cfg, ModelConfig):
-            raise TypeError(f"config: expected a memoryformer.ModelConfig, got {type(cfg).__name__}")
+        _require_config(cfg)
         if cfg.arch != self.arch:
             raise ConfigError(f"arch: {type(self).__name__} needs arch={self.arch!r} (got {cfg.arch!r}); use build_model")
         self.config = cfg
@@ -217,6 +221,8 @@ class LanguageModel(nn.Module):
 
         Returns (logits (B, T, vocab), loss: mean cross-entropy or None).
         """
+        if targets is not None:
+            self._check_targets(idx, targets)
         logits = self.head(self.hidden(idx, cache=cache))  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -234,6 +240,8 @@ class LanguageModel(nn.Module):
         if cache is not None:
             if not self.supports_kv_cache():
                 raise ValueError(f"attention: {self.config.attention!r} has no KV-cached path; pass no cache")
+            if cache.batch != B:
+                raise ValueError(f"cache: holds {cache.batch} rows, but idx has {B}")
             if cache.length + T > cache.capacity:
                 raise ValueError(f"cache: {cache.length} + {T} tokens exceed its capacity of {cache.capacity}")
             if pos is None:
@@ -260,6 +268,16 @@ class LanguageModel(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"idx: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
         return idx.shape[0], idx.shape[1]
+
+    def _check_targets(self, idx: torch.Tensor, targets: torch.Tensor) -> None:
+        if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape or targets.is_floating_point():
+            got = f"{tuple(targets.shape)} {targets.dtype}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"targets: expected integer token ids of idx's shape {tuple(idx.shape)}, got {got}")
+        if targets.device.type == "cpu" and targets.numel():
+            lo, hi = int(targets.min()), int(targets.max())
+            if lo < -1 or hi >= self.config.vocab_size:
+                raise ValueError(f"targets: token id {lo if lo < -1 else hi} is outside [0, {self.config.vocab_size}) "
+                                 "(-1 = ignore)")
 
     def supports_kv_cache(self) -> bool:
         """Softmax attention in every block (the Table 2 efficient attentions have no cached path)."""
@@ -321,6 +339,7 @@ class MemoryFormer(LanguageModel):
     arch = "memoryformer"
 
     def __init__(self, cfg: ModelConfig):
+        _require_config(cfg)  # before cfg.d_model below
         super().__init__(cfg, MemoryFormerBlock, nn.RMSNorm(cfg.d_model, eps=1e-8))
 
     def _init_blocks(self) -> None:
@@ -379,6 +398,7 @@ class Transformer(LanguageModel):
     arch = "transformer"
 
     def __init__(self, cfg: ModelConfig):
+        _require_config(cfg)
         super().__init__(cfg, TransformerBlock, nn.LayerNorm(cfg.d_model, eps=1e-5))
 
     def _init_blocks(self) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from memoryformer.config import MemoryFormerError
 from memoryformer.data import EOT_ID
-from memoryformer.evaluate.tasks import PAPER_TASKS, TASKS, Doc, load_docs, parse_tasks
+from memoryformer.evaluate.tasks import PAPER_TASKS, TASKS, Doc, load_docs, parse_tasks, task_file
 from memoryformer.model import KVCache
 
 HEAD_ROWS = 64  # positions per LM-head call on CPU: (64, vocab) fp32 logits stay in cache for the logsumexp
@@ -273,6 +273,14 @@ def _metrics(task: str, docs: list[Doc], scores: list[list[tuple[float, bool]]])
     return out
 
 
+def _check_labels(task: str, docs: list[Doc], data_dir) -> None:
+    """A gold label outside the example's choices would score as a miss everywhere: name the example instead."""
+    for i, d in enumerate(docs, 1):
+        if isinstance(d.gold, bool) or not isinstance(d.gold, int) or not 0 <= d.gold < len(d.pairs):
+            raise MemoryFormerError(f"{task_file(task, data_dir)}: example {i} has label {d.gold!r}, but it has "
+                                    f"{len(d.pairs)} choices (expected 0..{len(d.pairs) - 1})")
+
+
 def evaluate_tasks(
     model,
     tasks: str | Iterable[str] | None = None,
@@ -289,6 +297,8 @@ def evaluate_tasks(
     if limit is not None and limit < 1:
         raise MemoryFormerError(f"limit: expected a positive number of examples, got {limit}")
     loaded = {t: load_docs(t, data_dir, limit) for t in names}  # fail on a missing file before any scoring
+    for t, docs in loaded.items():
+        _check_labels(t, docs, data_dir)
     tokenizer = tokenizer or get_tokenizer()
     device = device or next(model.parameters()).device
     was_training = model.training

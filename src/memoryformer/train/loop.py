@@ -5,6 +5,9 @@
 - bf16 autocast with fp32 master weights on CUDA; fp32 on CPU.
 - `OUT/metrics.jsonl`: one JSON object per logged step; `OUT/ckpt-<step>/`, `OUT/final/`: atomic, self-contained
   checkpoints; resuming continues bit for bit (CPU, `deterministic=True`).
+- A step whose loss or gradient norm is not finite changes nothing (no optimizer step; its data is consumed) and is
+  logged as skipped; `max_skipped_steps` of them in a row stop the run. One process writes a run folder at a time
+  (`integrity.RunLock`), and it first removes the temporaries an interrupted writer left there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from memoryformer import checkpoint as ckpt_io
 from memoryformer.config import ConfigError, MemoryFormerError, ModelConfig, TrainConfig
 from memoryformer.evaluate.perplexity import window_nll
+from memoryformer.integrity import RunLock, remove_stale_temps
 from memoryformer.train import distributed as dist_mod
 from memoryformer.train.distributed import all_reduce, barrier
 from memoryformer.train.recipe import lr_at
@@ -40,7 +44,7 @@ def train(model_cfg: ModelConfig | None, tcfg: TrainConfig, *, resume: str | os.
     resume_path = None
     if resume is not None:
         fixed = {k: getattr(tcfg, k) for k in RESUME_FIXED}
-        model_cfg, _, resume_path = resume_config(resume, model_cfg, **fixed)
+        model_cfg, _, resume_path = resume_config(resume, model_cfg, verify=tcfg.verify, **fixed)
     if model_cfg is None:
         raise ConfigError("model_cfg: a ModelConfig is needed unless resuming")
     seq_len = tcfg.seq_len or model_cfg.max_seq_len
@@ -49,14 +53,26 @@ def train(model_cfg: ModelConfig | None, tcfg: TrainConfig, *, resume: str | os.
     rt = dist_mod.setup_runtime(tcfg.device, tcfg.fsdp)
     prev_det = torch.are_deterministic_algorithms_enabled()
     try:
-        run = setup(model_cfg, tcfg, rt, seq_len, resume_path)
-        if run.step >= run.total:
-            return already_complete(run, resume_path)
-        open_outputs(run, resume_path)
-        return finish(run, loop(run))
+        with writer_lock(tcfg.out, rt):
+            run = setup(model_cfg, tcfg, rt, seq_len, resume_path)
+            if run.step >= run.total:
+                return already_complete(run, resume_path)
+            open_outputs(run, resume_path)
+            return finish(run, loop(run))
     finally:
         torch.use_deterministic_algorithms(prev_det)
         dist_mod.teardown(rt)
+
+
+@contextlib.contextmanager
+def writer_lock(out: str, rt):
+    """Rank 0 holds the run folder's lock for the whole run and first clears what an interrupted writer left."""
+    if not rt.is_main:
+        yield
+        return
+    with RunLock(out):
+        remove_stale_temps(out)
+        yield
 
 
 def already_complete(run: Run, resume_path: Path | None) -> dict:
@@ -104,8 +120,12 @@ def header(run: Run, resume_path: Path | None) -> str:
 # Steps, evaluation, checkpoints
 
 
-def train_step(run: Run) -> tuple[float, float, float]:
-    """One optimizer step over the next global batch: (mean loss, gradient norm before clipping, LR)."""
+def train_step(run: Run) -> tuple[float, float, float, bool]:
+    """One optimizer step over the next global batch: (mean loss, gradient norm before clipping, LR, stepped).
+
+    A non-finite loss or gradient norm (on any rank) skips the optimizer step: the parameters and the optimizer
+    state stay as they were, the batch's data is consumed all the same, and `stepped` is False.
+    """
     lr = lr_at(run.step, run.total, run.peak_lr, run.tcfg.warmup_frac, run.tcfg.min_lr_ratio)
     for g in run.opt.param_groups:
         g["lr"] = lr
@@ -125,10 +145,14 @@ def train_step(run: Run) -> tuple[float, float, float]:
         loss_sum += loss.detach()
     clip = run.tcfg.grad_clip if run.tcfg.grad_clip > 0 else float("inf")
     gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
-    run.opt.step()
-    run.opt.zero_grad(set_to_none=True)
     gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-    return loss_sum.item() / run.accum, float(gnorm), lr
+    bad = (~torch.stack([loss_sum, gnorm.to(loss_sum)]).isfinite().all()).float()
+    bad = all_reduce(bad, run.rt, "max")  # every rank skips, or none
+    stepped = not bool(bad.item())
+    if stepped:
+        run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return loss_sum.item() / run.accum, float(gnorm), lr, stepped
 
 
 def evaluate(run: Run) -> float:
@@ -159,7 +183,8 @@ def save(run: Run, dest: Path) -> Path:
             dest, model_state=msd, model_config=run.cfg, optimizer_state=osd, rng_state=rng,
             trainer_state=dict(step=run.step, tokens=run.tokens, total_steps=run.total, elapsed_s=run.elapsed,
                                train_time_s=run.train_time, sampler=run.sampler.state_dict(),
-                               world_size=run.rt.world, train_config=run.tcfg.to_dict(), last=run.last),
+                               world_size=run.rt.world, train_config=run.tcfg.to_dict(), last=run.last,
+                               data=run.data, skipped_steps=run.skipped, skip_streak=run.skip_streak),
         )
         if run.tcfg.keep_checkpoints and dest.name != "final":
             ckpt_io.prune_checkpoints(run.out, run.tcfg.keep_checkpoints)
@@ -240,14 +265,15 @@ def _steps(run: Run, stop: StopFlag, first: int, start: float, bar) -> str:
     win = _Window()
     while run.step < run.total:
         t0 = time.perf_counter()
-        loss, gnorm, lr = train_step(run)
-        if not math.isfinite(loss):
-            raise MemoryFormerError(f"loss: became {loss} at step {run.step + 1}; the newest checkpoint in "
-                                    f"{run.out} is intact (try a lower --lr or a --grad-clip)")
+        loss, gnorm, lr, stepped = train_step(run)
         dt = time.perf_counter() - t0
         run.step, run.tokens, run.train_time = run.step + 1, run.tokens + run.tokens_per_step, run.train_time + dt
-        win.tokens, win.seconds, win.loss, win.steps = win.tokens + run.tokens_per_step, win.seconds + dt, \
-            win.loss + loss, win.steps + 1
+        if stepped:
+            run.skip_streak = 0
+            win.tokens, win.seconds, win.loss, win.steps = win.tokens + run.tokens_per_step, win.seconds + dt, \
+                win.loss + loss, win.steps + 1
+        else:
+            skipped(run, loss, gnorm, lr, bar)
         # Every rank must agree on stopping: a stop request or the time budget on any rank stops all.
         over = t.time_budget is not None and time.perf_counter() - start >= t.time_budget
         flag = 2.0 * stop.requested + float(over)
@@ -255,9 +281,9 @@ def _steps(run: Run, stop: StopFlag, first: int, start: float, bar) -> str:
             flag = all_reduce(torch.tensor([flag], device=rt.device), rt, "max").item()
         paused = t.stop_after is not None and first < t.stop_after <= run.step < run.total
         stopping = flag > 0 or run.step == run.total or paused
-        if stopping or (t.eval_every and run.step % t.eval_every == 0) or run.step % t.log_every == 0 \
-                or run.step == 1:
-            evaluate_now = flag < 2 and (stopping or bool(t.eval_every and run.step % t.eval_every == 0))
+        due = bool(t.eval_every and run.step % t.eval_every == 0)
+        if stopping or due or (win.steps and (run.step % t.log_every == 0 or run.step == 1)):
+            evaluate_now = flag < 2 and (stopping or due)
             _log_window(run, win, lr, gnorm, evaluate_now, bar, run.elapsed + time.perf_counter() - t0)
             win = _Window()
         if bar is not None:
@@ -277,6 +303,28 @@ def _steps(run: Run, stop: StopFlag, first: int, start: float, bar) -> str:
     return "done"
 
 
+def skipped(run: Run, loss: float, gnorm: float, lr: float, bar) -> None:
+    """Record a step skipped for a non-finite loss or gradient norm; too many in a row stop the run."""
+    run.skipped, run.skip_streak = run.skipped + 1, run.skip_streak + 1
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    value = loss if what == "loss" else gnorm
+    log(run, dict(step=run.step, skipped=True, reason=f"non-finite {what} ({value})", lr=lr, tokens=run.tokens))
+    if run.rt.is_main and run.tcfg.verbose:
+        line = (f"step {run.step}: {what} is {value}; step skipped (no parameter update; {run.skip_streak} in a row, "
+                f"at most {run.tcfg.max_skipped_steps})")
+        if bar is not None:
+            bar.write(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+    if run.skip_streak >= run.tcfg.max_skipped_steps:
+        newest = ckpt_io.list_checkpoints(run.out)
+        where = f"the newest checkpoint is {newest[-1][1]}" if newest else "no checkpoint was written"
+        raise MemoryFormerError(
+            f"step {run.step}: {run.skip_streak} consecutive steps (from step {run.step - run.skip_streak + 1}) had a "
+            f"non-finite loss or gradient norm (--max-skipped-steps {run.tcfg.max_skipped_steps}); stopping, "
+            f"{where} (try a lower --lr or a --grad-clip)")
+
+
 def _progress_bar(run: Run):
     if not (run.rt.is_main and run.tcfg.progress):
         return None
@@ -286,19 +334,24 @@ def _progress_bar(run: Run):
 
 
 def _log_window(run: Run, win: _Window, lr: float, gnorm: float, evaluate_now: bool, bar, elapsed: float) -> None:
-    lt = all_reduce(torch.tensor([win.loss / win.steps], device=run.rt.device), run.rt).item() / run.rt.world
-    rec = dict(step=run.step, loss=round(lt, 6), lr=lr, tokens=run.tokens,
-               tokens_per_s=round(win.tokens / max(win.seconds, 1e-9), 1), grad_norm=round(gnorm, 6),
-               elapsed_s=round(elapsed, 2))
+    rec = dict(step=run.step)
+    if win.steps:  # else every step since the last line was skipped: only the evaluation to report
+        lt = all_reduce(torch.tensor([win.loss / win.steps], device=run.rt.device), run.rt).item() / run.rt.world
+        rec["loss"] = round(lt, 6)
+    rec.update(lr=lr, tokens=run.tokens)
+    if win.steps:
+        rec.update(tokens_per_s=round(win.tokens / max(win.seconds, 1e-9), 1), grad_norm=round(gnorm, 6))
+    rec["elapsed_s"] = round(elapsed, 2)
     if evaluate_now:
         vl = evaluate(run)
         rec.update(val_loss=round(vl, 6), val_ppl=round(math.exp(min(vl, 50.0)), 4))
         run.val_loss = vl
-        line = f"step {run.step}: train loss {lt:.4f}, val loss {vl:.4f}, val ppl {rec['val_ppl']:.2f}"
+        train_part = f"train loss {rec['loss']:.4f}, " if "loss" in rec else ""
+        line = f"step {run.step}: {train_part}val loss {vl:.4f}, val ppl {rec['val_ppl']:.2f}"
         if bar is not None:
             bar.write(line)
         elif run.tcfg.verbose and run.rt.is_main:
-            print(f"{line}, {rec['tokens_per_s']:,.0f} tokens/s", flush=True)
+            print(line + (f", {rec['tokens_per_s']:,.0f} tokens/s" if "loss" in rec else ""), flush=True)
     log(run, rec)
     run.last = rec
 
@@ -333,6 +386,6 @@ def summary(run: Run, checkpoint: str, val_loss: float | None, stopped_by: str, 
         elapsed_s=round(run.elapsed, 2), tokens_per_s=round(run.tokens / max(run.train_time, 1e-9), 1),
         train_loss=run.last.get("loss"), val_loss=val_loss,
         val_ppl=math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
-        params=run.bare.num_params(), stopped_by=stopped_by, arch=run.cfg.arch,
+        params=run.bare.num_params(), stopped_by=stopped_by, arch=run.cfg.arch, skipped_steps=run.skipped,
         **({"rank_checksums": checksums} if checksums is not None else {}),
     )

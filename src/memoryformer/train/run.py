@@ -15,7 +15,7 @@ import torch
 
 from memoryformer import checkpoint as ckpt_io
 from memoryformer import data as data_mod
-from memoryformer.config import ConfigError, MemoryFormerError, ModelConfig, TrainConfig
+from memoryformer.config import SAMPLE, ConfigError, MemoryFormerError, ModelConfig, TrainConfig
 from memoryformer.model import build_model
 from memoryformer.train import distributed as dist_mod
 from memoryformer.train.distributed import Runtime, all_reduce, barrier
@@ -55,6 +55,9 @@ class Run:
     tokens: int = 0
     elapsed: float = 0.0  # wall time of all invocations
     train_time: float = 0.0  # time in optimizer steps
+    data: dict = field(default_factory=dict)  # fingerprints of the train and val tokens (data.token_split)
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient norm, in all
+    skip_streak: int = 0  # ... and in a row up to now
     last: dict = field(default_factory=dict)  # the latest metrics record
     val_loss: float | None = None  # of this invocation's latest evaluation
     tb: object = None
@@ -68,14 +71,18 @@ def resume_config(resume: str | os.PathLike, model_cfg: ModelConfig | None = Non
                   **overrides) -> tuple[ModelConfig, TrainConfig, Path]:
     """(model config, training config, checkpoint path) to continue the run at `resume` (a run folder or checkpoint).
 
-    `overrides` may change how long and how the run continues (steps, tokens, time, logging, device); changing
-    anything in RESUME_FIXED, or passing a `model_cfg` that differs from the checkpoint's, is an error naming the key.
+    A run folder resumes from its newest checkpoint that verifies (`ckpt_io.find_resumable`). `overrides` may change
+    how long and how the run continues (steps, tokens, time, logging, device, cache); changing anything in
+    RESUME_FIXED, or passing a `model_cfg` that differs from the checkpoint's, is an error naming the key. Paths come
+    from the checkpoint only as it wrote them (see `stored_paths`).
     """
-    path = ckpt_io.find_checkpoint(resume)
+    path = ckpt_io.find_resumable(resume, verify=overrides.get("verify", True))
     state_file = path / ckpt_io.TRAINER
     try:
         stored = json.loads(state_file.read_text(encoding="utf-8"))["train_config"]
-    except (OSError, ValueError, KeyError) as e:
+        if not isinstance(stored, dict):
+            raise TypeError(f"train_config is a {type(stored).__name__}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ckpt_io.CheckpointError(f"{state_file}: unreadable training state ({e})") from None
     saved_cfg = ModelConfig.load(path / ckpt_io.CONFIG)
     if model_cfg is not None:
@@ -88,9 +95,25 @@ def resume_config(resume: str | os.PathLike, model_cfg: ModelConfig | None = Non
             raise ckpt_io.CheckpointError(
                 f"{k}: {v!r} contradicts the checkpoint's {stored[k]!r} ({state_file}); start a new run to change it")
     run_dir = path.parent if ckpt_io.is_checkpoint_name(path.name) else path
-    # stop_after pauses one invocation; a resumed run goes on unless it is given again.
-    merged = {**stored, "out": str(run_dir), "stop_after": None, **overrides}
+    # stop_after pauses one invocation, --no-verify trusts one; a resumed run goes on without them unless given again.
+    merged = {**stored_paths(stored, state_file), "out": str(run_dir), "stop_after": None, "verify": True,
+              **overrides}
     return saved_cfg, TrainConfig.from_dict(merged, source=str(state_file)), path
+
+
+def stored_paths(stored: dict, source: Path) -> dict:
+    """The stored training config with its paths confined: `cache_dir` is never taken from a checkpoint (the cache
+    is keyed by content, so any folder serves; the user's --cache-dir or the default is used), and `data` /
+    `val_data` only as this library writes them: "sample", "hf:...", or an absolute path without '..'."""
+    out = {k: v for k, v in stored.items() if k not in ("cache_dir", "out")}
+    for key in ("data", "val_data"):
+        v = out.get(key)
+        if v is None or v == SAMPLE or (isinstance(v, str) and v.startswith("hf:")):
+            continue
+        if not isinstance(v, str) or not os.path.isabs(v) or ".." in Path(v).parts:
+            raise ckpt_io.CheckpointError(f"{source}: {key} {v!r} is not an absolute path without '..' as this "
+                                          f"library writes it; pass --{key.replace('_', '-')} again or start a new run")
+    return out
 
 
 def _micro_batch(tcfg: TrainConfig, rt: Runtime, seq_len: int) -> tuple[int, int]:
@@ -106,19 +129,20 @@ def _micro_batch(tcfg: TrainConfig, rt: Runtime, seq_len: int) -> tuple[int, int
 
 
 def load_data(tcfg: TrainConfig, rt: Runtime, cfg: ModelConfig, seq_len: int):
-    """(train tokens, val tokens, validation window starts); rank 0 tokenizes first, the others read its cache."""
-    kw = dict(val_data=tcfg.val_data, cache_dir=tcfg.cache_dir, val_fraction=tcfg.val_fraction)
+    """(train tokens, val tokens, validation window starts, fingerprints {"train", "val"}); rank 0 tokenizes first,
+    the others read its cache."""
+    kw = dict(val_data=tcfg.val_data, cache_dir=tcfg.cache_dir, val_fraction=tcfg.val_fraction, verify=tcfg.verify)
 
     def load():
         progress = rt.is_main and tcfg.progress
-        return (data_mod.load_tokens(tcfg.data, "train", progress=progress, **kw),
-                data_mod.load_tokens(tcfg.data, "val", progress=progress, **kw))
+        return (data_mod.token_split(tcfg.data, "train", progress=progress, **kw),
+                data_mod.token_split(tcfg.data, "val", progress=progress, **kw))
 
     if rt.is_main:
-        train_tok, val_tok = load()
+        (train_tok, train_fp), (val_tok, val_fp) = load()
     barrier(rt)
     if not rt.is_main:
-        train_tok, val_tok = load()
+        (train_tok, train_fp), (val_tok, val_fp) = load()
     top = int(max(np.max(train_tok), np.max(val_tok)))
     if top >= cfg.vocab_size:
         raise ConfigError(f"vocab_size: the data holds token id {top} but the model's vocab_size is {cfg.vocab_size}")
@@ -127,14 +151,14 @@ def load_data(tcfg: TrainConfig, rt: Runtime, cfg: ModelConfig, seq_len: int):
                                  f"tokens, fewer than seq_len + 1 = {seq_len + 1}")
     starts = data_mod.eval_starts(len(val_tok), seq_len, tcfg.eval_tokens)
     starts = starts[: max(rt.world, len(starts) // rt.world * rt.world)]  # equal work per rank
-    return train_tok, val_tok, starts
+    return train_tok, val_tok, starts, {"train": train_fp, "val": val_fp}
 
 
 def setup(cfg: ModelConfig, tcfg: TrainConfig, rt: Runtime, seq_len: int, resume_path: Path | None) -> Run:
     if tcfg.tensorboard and rt.is_main:
         summary_writer()  # fails before anything is written
     micro, accum = _micro_batch(tcfg, rt, seq_len)
-    train_tok, val_tok, val_starts = load_data(tcfg, rt, cfg, seq_len)
+    train_tok, val_tok, val_starts, fingerprints = load_data(tcfg, rt, cfg, seq_len)
     if tcfg.deterministic:
         if rt.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -145,13 +169,13 @@ def setup(cfg: ModelConfig, tcfg: TrainConfig, rt: Runtime, seq_len: int, resume
         bare = build_model(cfg)
     bare.to_empty(device=rt.device)
     bare.init_weights()
-    state = ckpt_io.load_training_checkpoint(resume_path) if resume_path is not None else None
+    state = ckpt_io.load_training_checkpoint(resume_path, verify=tcfg.verify) if resume_path is not None else None
     if state is not None:
         bare.load_state_dict(state["model_state"])
     model = dist_mod.parallelize(bare, rt, tcfg.fsdp)
     run = Run(cfg, tcfg, rt, Path(tcfg.out), seq_len, micro, accum, train_tok, val_tok, val_starts,
               data_mod.WindowSampler(len(train_tok), seq_len + 1, tcfg.seed), bare, model,
-              build_optimizer(bare, tcfg, rt.device), tcfg.lr or default_lr(cfg))
+              build_optimizer(bare, tcfg, rt.device), tcfg.lr or default_lr(cfg), data=fingerprints)
     run.total = None
     if state is not None:
         restore(run, state)
@@ -171,6 +195,12 @@ def restore(run: Run, state: dict) -> None:
     if run.tcfg.max_steps is None and run.tcfg.max_tokens is None:
         run.total = ts["total_steps"]
     run.sampler.load_state_dict(ts["sampler"])
+    for split, fp in (ts.get("data") or {}).items():
+        if run.tcfg.verify and run.data.get(split) not in (None, fp):
+            raise data_mod.DataError(f"data: the {split} tokens of {run.tcfg.data or 'sample'} are not the ones "
+                                     f"{state['path']} was trained on (fingerprint {run.data[split]} vs {fp}); "
+                                     "resume with the same text, or start a new run")
+    run.skipped, run.skip_streak = ts.get("skipped_steps", 0), ts.get("skip_streak", 0)
     run.last = ts.get("last") or {}
     torch.set_rng_state(state["rng_state"]["torch_cpu"])
     if run.rt.device.type == "cuda" and "torch_cuda" in state["rng_state"]:
