@@ -1,7 +1,8 @@
 """Training: the paper's recipe (spec §5) on real text, single process or `torchrun` (DDP, optional FSDP2).
 
 - AdamW, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices and (by default, as the authors do) the memory
-  tables, none on biases and norms; gradient clipping at 1.0.
+  tables, none on biases and norms; gradient clipping at 1.0. Lighter table options (row-wise rules, bf16
+  tables): `table_optim`, `table_dtype` (memoryformer.optim).
 - Cosine decay to 0.1x the peak after a linear warmup over the first 1 % of steps.
 - Peak LR by size: the Pythia LRs for the dense control (1e-3 up to d=512, 6e-4 at d=768, 3e-4 from d=1024) and
   3x that for MemoryFormer (paper §3.1: 3e-3 for MF-tiny).
@@ -46,6 +47,7 @@ from memoryformer.config import (
 )
 from memoryformer.flops import layer_flops
 from memoryformer.model import build_model
+from memoryformer.optim import TABLE_DTYPES, TABLE_OPTIMS, build_optimizer, cast_tables
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,6 +55,7 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUME_FIXED = (
     "data", "val_data", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_frac", "weight_decay",
     "exclude_tables_from_wd", "beta1", "beta2", "eps", "grad_clip", "seed", "val_fraction", "fsdp",
+    "table_optim", "table_dtype",
 )
 # Default micro-batch: as many sequences as fit this many tokens per forward (the fp32 logits and their gradient
 # take ~16 bytes x vocab per token, 3.3 GB for 4096 tokens at vocab 50 304).
@@ -78,6 +81,8 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    table_optim: str = "adamw"  # memory tables: "adamw" (the recipe), "rowwise", "partial-rowwise-adam" (optim.py)
+    table_dtype: str = "fp32"  # memory-table storage: "fp32" or "bf16" (updates stochastically rounded)
     max_steps: int | None = None  # the run's length in optimizer steps (sets the LR schedule) ...
     max_tokens: int | None = None  # ... or in training tokens ...
     time_budget: float | None = None  # ... or in seconds (also a hard stop for the other two); this run only
@@ -162,6 +167,8 @@ class TrainConfig:
         want_float("beta2", 0.0, 1.0)
         want_float("eps", 0.0)
         want_float("grad_clip", 0.0)
+        want_str("table_optim", choices=TABLE_OPTIMS)
+        want_str("table_dtype", choices=TABLE_DTYPES)
         want_int("max_steps", 1, optional=True)
         want_int("max_tokens", 1, optional=True)
         want_float("time_budget", 0.0, optional=True, open_lo=True)
@@ -594,6 +601,7 @@ def _train(model_cfg: ModelConfig, tcfg: TrainConfig, rt: _Runtime, seq_len: int
         bare = build_model(model_cfg)
     bare.to_empty(device=rt.device)
     bare.init_weights()
+    cast_tables(bare, tcfg.table_dtype)
     if resume_path is not None:
         state = ckpt_io.load_training_checkpoint(resume_path)
         bare.load_state_dict(state["model_state"])
@@ -606,11 +614,9 @@ def _train(model_cfg: ModelConfig, tcfg: TrainConfig, rt: _Runtime, seq_len: int
 
             model = DDP(bare, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     peak = tcfg.lr or default_lr(model_cfg)
-    groups = bare.param_groups(tcfg.weight_decay, 0.0 if tcfg.exclude_tables_from_wd else None)
     # fused on CUDA; foreach elsewhere (torch picks the per-tensor loop on CPU, which is several times slower)
     fused = rt.device.type == "cuda" and not tcfg.fsdp
-    opt = torch.optim.AdamW(groups, lr=peak, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps,
-                            fused=fused or None, foreach=None if fused else True)
+    opt = build_optimizer(bare, tcfg, lr=peak, fused=fused)  # AdamW + the table rule; iterable for DCP
 
     step, tokens, elapsed, train_time = 0, 0, 0.0, 0.0
     total = None
@@ -766,7 +772,7 @@ def _train(model_cfg: ModelConfig, tcfg: TrainConfig, rt: _Runtime, seq_len: int
                         _, loss = model(x[:, :-1], x[:, 1:])
                     (loss / accum).backward()
                 loss_sum += loss.detach()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+            gnorm = opt.clip_grad_norm_(tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -878,6 +884,9 @@ _HELP = {
     "beta2": "AdamW beta2 (default 0.95)",
     "eps": "AdamW epsilon (default 1e-8)",
     "grad_clip": "max gradient norm, 0 = off (default 1.0)",
+    "table_optim": "memory-table optimizer: adamw (the paper's recipe, default), rowwise (one second moment per "
+    "row segment, only hit rows move) or partial-rowwise-adam (rowwise + per-element momentum)",
+    "table_dtype": "memory-table storage: fp32 (default) or bf16 (fp32 sums, stochastically rounded updates)",
     "max_steps": "run length in optimizer steps",
     "max_tokens": "run length in training tokens (e.g. 5e6); default: 20 per parameter of the dense control",
     "time_budget": "run length in time (e.g. 600, 10m, 2h): sets the schedule if no steps/tokens are given, "
@@ -945,7 +954,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         elif "float" in kind:
             p.add_argument(flag, dest=f.name, type=_number(float), default=None, metavar="X", help=_HELP[f.name])
         else:
-            choices = {"device": DEVICES, "precision": PRECISIONS}.get(f.name)
+            choices = {"device": DEVICES, "precision": PRECISIONS, "table_optim": TABLE_OPTIMS,
+                       "table_dtype": TABLE_DTYPES}.get(f.name)
             p.add_argument(flag, dest=f.name, default=None, choices=choices, help=_HELP[f.name])
 
 
