@@ -140,6 +140,20 @@ def _hit_fraction(tables) -> float:
     return hit / max(1, rows)
 
 
+def _predicted(args, candidate: str, hit_fraction: float | None) -> float:
+    from memoryformer.config import DENSE_CONTROL
+    from memoryformer.footprint import footprint
+
+    arch, table_optim, table_dtype, sparse = CANDIDATES[candidate]
+    micro = args.micro_batch_size or args.batch_size
+    config = DENSE_CONTROL[args.config] if arch == "dense" else args.config
+    accum = args.batch_size // micro
+    hit = None if hit_fraction is None else min(1.0, hit_fraction / accum)  # measured over the step's micro-batches
+    f = footprint(config, micro, args.seq_len, table_optim=table_optim, table_dtype=table_dtype, accum=accum,
+                  sparse_rows=bool(sparse), device="cpu", hit_fraction=hit if sparse else None)
+    return f["peak"]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
@@ -171,6 +185,9 @@ def main(argv=None) -> dict:
             peak_rss_mb=max(r["peak_rss_mb"] for r in rs), rss_before_model_mb=min(r["rss_before_model_mb"] for r in rs),
             hit_fraction=rs[0]["hit_fraction"], n_steps=len(steps),
         )
+    for c, s in summary.items():  # the accounting's prediction for the same run (memoryformer.footprint)
+        s["predicted_mb"] = round(_predicted(args, c, s["hit_fraction"]) / 2**20, 1)
+        s["measured_mb"] = round(s["peak_rss_mb"] - s["rss_before_model_mb"], 1)
     ref = summary.get("dense", {}).get("tokens_per_s")
     result = {
         "benchmark": "training speed (CPU)", "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -190,13 +207,20 @@ def main(argv=None) -> dict:
              f"- {args.batch_size} x {args.seq_len} = {tokens_per_step:,} tokens per step (micro-batch "
              f"{result['micro_batch_size']}); {args.rounds} rounds x {args.steps} timed steps per candidate, each round "
              "in a fresh process, candidates interleaved; medians" + (f"; weights from {args.init}" if args.init else ""),
-             "", "| candidate | step | tokens/s | vs dense | fwd+bwd | clip+step | rows hit / micro-batch | peak RSS |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| candidate | step | tokens/s | vs dense | fwd+bwd | clip+step | rows hit / step | peak RSS | "
+             "training memory: measured | predicted |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c, s in summary.items():
         rel = f"{s['tokens_per_s'] / ref:.2f}x" if ref else "-"
         hitf = f"{100 * s['hit_fraction']:.0f} %" if s["hit_fraction"] is not None else "-"
         lines.append(f"| {c} | {s['step_s']:.3f} s | {s['tokens_per_s']:,.0f} | {rel} | {s['fwd_bwd_s']:.3f} s | "
-                     f"{s['clip_step_s']:.3f} s | {hitf} | {s['peak_rss_mb'] / 1024:.2f} GB |")
+                     f"{s['clip_step_s']:.3f} s | {hitf} | {s['peak_rss_mb'] / 1024:.2f} GB | "
+                     f"{s['measured_mb'] / 1024:.2f} GB | {s['predicted_mb'] / 1024:.2f} GB "
+                     f"({s['predicted_mb'] / s['measured_mb'] - 1:+.0%}) |")
+    lines += ["", "Training memory, measured: the worker's peak RSS minus its RSS before the model was built (Python, "
+              "torch, the token sample). Predicted: `memoryformer.footprint.footprint(..., device='cpu')` for the "
+              "same micro-batch, accumulation and table option, with the measured share of rows hit for sparse "
+              "rows."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

@@ -223,19 +223,16 @@ class RowwiseAdam(_StateKeepsItsDtype):
     # -- the update --------------------------------------------------------------------------------------------
     @staticmethod
     def _hit_rows(p: torch.Tensor):
-        """(rows (U,) flat ids k*R + i of the hit rows, grads, gathered) from p.grad, dense or sparse: grads are
-        the rows' (U, h) values when gathered, else the whole (K*R, h) gradient to index; None without a grad."""
+        """(rows (U,) flat ids k*R + i, grads, gathered) from p.grad, dense or sparse: the touched rows and their
+        (U, h) values (gathered), or every row with a nonzero gradient and the whole (K*R, h) gradient to index."""
         if p.grad is None:
             return None
         K, R, h = p.shape
         if p.grad.is_sparse:
-            g = p.grad.coalesce()
-            idx, vals = g.indices(), g.values()
-            rows = idx[0] * R + idx[1]
-            hit = torch.linalg.vector_norm(vals, dim=1, dtype=torch.float32) > 0
-            return (rows, vals, True) if bool(hit.all()) else (rows[hit], vals[hit], True)
+            rows, vals = sparse_rows(p.grad)
+            return rows, vals, True
         G = p.grad.view(K * R, h)
-        rows = (torch.linalg.vector_norm(G, dim=1, dtype=torch.float32) > 0).nonzero().squeeze(1)
+        rows = (torch.linalg.vector_norm(G, dim=1) > 0).nonzero().squeeze(1)
         return rows, G, False
 
     @torch.no_grad()
@@ -259,10 +256,15 @@ class RowwiseAdam(_StateKeepsItsDtype):
         for s, e in _chunks(rows.numel(), h):
             r = rows[s:e]
             g = (grads[s:e] if gathered else grads.index_select(0, r)).float()
+            sq = g.view(-1, S, h // S).square().mean(-1)  # (rows, S)
+            if gathered:  # a touched row whose gradient summed to exactly zero is not hit
+                keep = sq.sum(-1) > 0
+                if not bool(keep.all()):
+                    r, g, sq = r[keep], g[keep], sq[keep]
             n = N.index_select(0, r) + 1
             N.index_copy_(0, r, n)
             nf = n.to(torch.float32)
-            v = V.index_select(0, r).mul_(b2).add_(g.view(-1, S, h // S).square().mean(-1), alpha=1 - b2)
+            v = V.index_select(0, r).mul_(b2).add_(sq, alpha=1 - b2)
             V.index_copy_(0, r, v)
             denom = (v / (1 - torch.pow(b2, nf))[:, None]).sqrt_().add_(eps)  # (rows, S)
             if M is not None:
@@ -324,13 +326,16 @@ class TrainingOptimizer:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:  # touched table rows: sum duplicates once, then work on the values
-                p.grad = p.grad.coalesce()
-                grads.append(p.grad._values())
+                rows, vals = sparse_rows(p.grad)
+                R = p.shape[1]
+                p.grad = torch.sparse_coo_tensor(torch.stack((rows // R, rows % R)), vals, p.shape,
+                                                 is_coalesced=True, check_invariants=False)
+                grads.append(vals)
             else:
                 grads.append(p.grad)
         if not grads:
             return torch.zeros(())
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]  # fp32 also for bf16 tables
+        norms = [torch.linalg.vector_norm(g).float() for g in grads]  # bf16 gradients: fp32 sums, bf16 result
         total = torch.linalg.vector_norm(torch.stack(norms))
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
@@ -342,6 +347,22 @@ class TrainingOptimizer:
         for o in self.optimizers:
             if hasattr(o, "release"):
                 o.release()
+
+
+def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (U,) sorted unique flat row ids k*R + i, values (U, h)) of a sparse (K, R, h) table gradient.
+
+    Autograd stores the CPU backward's already coalesced gradient without its flag; checking that the rows are
+    sorted and unique costs one pass, sorting them again (`coalesce`) much more. Several micro-batches' gradients
+    (concatenated by autograd) are coalesced here."""
+    R = grad.shape[1]
+    idx, vals = grad._indices(), grad._values()
+    rows = idx[0] * R + idx[1]
+    if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        grad = grad.coalesce()
+        idx, vals = grad.indices(), grad.values()
+        rows = idx[0] * R + idx[1]
+    return rows, vals
 
 
 def _qkv_segments(model: torch.nn.Module) -> dict[int, int]:

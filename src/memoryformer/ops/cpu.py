@@ -101,7 +101,8 @@ def _acc_dtype(*ts: torch.Tensor) -> torch.dtype:
 def _embedding_bag_backward(grad, codes, weights, tables, need_weights: bool, need_tables: bool):
     """ATen's embedding-bag backward kernels, called as autograd would after the fbgemm forward (whose
     offset2bag comes back empty): the fastest CPU path measured, sorted per row and hence deterministic.
-    They sum in their inputs' dtype, so bf16/fp16 tables are widened to fp32 first (a transient copy of one table)."""
+    They sum in their inputs' dtype and write in it, so bf16/fp16 tables are widened to fp32 first (a transient
+    fp32 copy of one table; the weight gradient's outputs would otherwise be rounded to bf16)."""
     N, K = codes.shape
     R, h = tables.shape[1], tables.shape[2]
     acc = _acc_dtype(grad, weights, tables)
@@ -181,7 +182,9 @@ def touched_rows_backward(grad, codes, weights, tables) -> tuple[torch.Tensor, t
     R, h = tables.shape[1], tables.shape[2]
     acc = _acc_dtype(grad, weights, tables)
     idx = _flat_index(codes, R)
-    rows, inv = torch.unique(idx, sorted=True, return_inverse=True)
+    hit = torch.bincount(idx, minlength=K * R) > 0  # the ids are bounded: count instead of sorting (torch.unique)
+    rows = hit.nonzero().squeeze(1)
+    inv = (torch.cumsum(hit, 0) - 1).index_select(0, idx)  # row id -> its rank among the hit rows
     g, psw = grad.to(acc), weights.reshape(-1).to(acc)
     try:
         bags = torch.arange(0, N * K, K, dtype=idx.dtype)
