@@ -55,8 +55,14 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed steps per candidate per round")
     ap.add_argument("--init", default=None, help="start the MemoryFormer candidates from this checkpoint's weights")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
+    ap.add_argument("--exact-rss", action="store_true",
+                    help="workers return freed memory to the OS at once (MALLOC_MMAP_THRESHOLD_=65536), so the peak "
+                    "RSS follows the live tensors instead of what glibc keeps for reuse")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--merge", default=None, metavar="JSON",
+                    help="add this invocation's rounds to those of an earlier results file of the same settings "
+                    "(rounds spread over several short quiet windows)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -162,17 +168,34 @@ def main(argv=None) -> dict:
 
     argv = sys.argv[1:] if argv is None else argv
     here = Path(__file__).resolve()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # for the device name
     runs: dict[str, list[dict]] = {c: [] for c in args.candidates}
+    loads = []
+    if args.merge:
+        prior = json.loads(Path(args.merge).read_text())
+        for key in ("config", "batch_size", "micro_batch_size", "seq_len", "init", "threads_arg", "exact_rss"):
+            mine = getattr(args, "threads" if key == "threads_arg" else key)
+            if key == "micro_batch_size":
+                mine = mine or args.batch_size
+            if prior.get(key) != mine:
+                raise SystemExit(f"--merge: {args.merge} has {key}={prior.get(key)!r}, this run {mine!r}")
+        for c, rs in prior["raw"].items():
+            runs.setdefault(c, []).extend(rs)
+        loads = prior.get("loads", [])
     load_start = load()
-    for r in range(args.rounds):
+    first = 1 + max((x["round"] for rs in runs.values() for x in rs), default=-1)
+    for r in range(first, first + args.rounds):
         for c in args.candidates:
             cmd = [sys.executable, str(here), *argv, "--worker", c, "--round", str(r)]
-            res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if args.exact_rss else {})}
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if res.returncode or line is None:
                 raise SystemExit(f"train_speed: worker {c} failed:\n{res.stderr[-3000:]}")
             runs[c].append(json.loads(line[len("RESULT "):]))
             print(f"[round {r}] {c}: median step {statistics.median(runs[c][-1]['step_s']):.3f} s", flush=True)
+    loads.append(f"{load_start} at start, {load()} at end")
     tokens_per_step = args.batch_size * args.seq_len
     summary = {}
     for c, rs in runs.items():
@@ -183,7 +206,7 @@ def main(argv=None) -> dict:
             fwd_bwd_s=round(statistics.median([t for r in rs for t in r["fwd_bwd_s"]]), 4),
             clip_step_s=round(statistics.median([t for r in rs for t in r["clip_step_s"]]), 4),
             peak_rss_mb=max(r["peak_rss_mb"] for r in rs), rss_before_model_mb=min(r["rss_before_model_mb"] for r in rs),
-            hit_fraction=rs[0]["hit_fraction"], n_steps=len(steps),
+            hit_fraction=rs[0]["hit_fraction"], n_steps=len(steps), rounds=len(rs),
         )
     for c, s in summary.items():  # the accounting's prediction for the same run (memoryformer.footprint)
         s["predicted_mb"] = round(_predicted(args, c, s["hit_fraction"]) / 2**20, 1)
@@ -191,22 +214,26 @@ def main(argv=None) -> dict:
     ref = summary.get("dense", {}).get("tokens_per_s")
     result = {
         "benchmark": "training speed (CPU)", "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": device_name(torch.device("cpu")), "threads": runs[args.candidates[0]][0]["threads"],
+        "device": device_name(torch.device("cpu")), "threads": runs[args.candidates[0]][-1]["threads"],
         "torch": torch.__version__, "command": "python benchmarks/train_speed.py " + " ".join(argv),
         "config": args.config, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size or args.batch_size,
-        "seq_len": args.seq_len, "init": args.init, "load_start": load_start, "load_end": load(), "candidates": summary,
-        "raw": runs,
+        "seq_len": args.seq_len, "init": args.init, "threads_arg": args.threads, "exact_rss": args.exact_rss,
+        "loads": loads, "candidates": summary, "raw": runs,
     }
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     stem = Path(args.results) / f"train_speed_{args.config}_cpu{'_' + args.tag if args.tag else ''}_{date}"
+    if args.merge:
+        stem = Path(args.merge).with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# Training speed on CPU: MF-{args.config} table options vs the dense control", "",
              f"- date: {result['date']}; device: {result['device']}; torch {result['torch']}",
              f"- command: `{result['command']}`",
-             f"- {load_start} at start, {result['load_end']} at end",
+             *[f"- invocation {i + 1}: {x}" for i, x in enumerate(loads)],
              f"- {args.batch_size} x {args.seq_len} = {tokens_per_step:,} tokens per step (micro-batch "
-             f"{result['micro_batch_size']}); {args.rounds} rounds x {args.steps} timed steps per candidate, each round "
-             "in a fresh process, candidates interleaved; medians" + (f"; weights from {args.init}" if args.init else ""),
+             f"{result['micro_batch_size']}); {args.steps} timed steps per candidate per round, each round in a fresh "
+             "process, candidates interleaved; medians over all rounds"
+             + (f"; weights from {args.init}" if args.init else ""),
              "", "| candidate | step | tokens/s | vs dense | fwd+bwd | clip+step | rows hit / step | peak RSS | "
              "training memory: measured | predicted |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -218,9 +245,10 @@ def main(argv=None) -> dict:
                      f"{s['measured_mb'] / 1024:.2f} GB | {s['predicted_mb'] / 1024:.2f} GB "
                      f"({s['predicted_mb'] / s['measured_mb'] - 1:+.0%}) |")
     lines += ["", "Training memory, measured: the worker's peak RSS minus its RSS before the model was built (Python, "
-              "torch, the token sample). Predicted: `memoryformer.footprint.footprint(..., device='cpu')` for the "
-              "same micro-batch, accumulation and table option, with the measured share of rows hit for sparse "
-              "rows."]
+              "torch, the token sample)" + (", with glibc returning freed blocks at once (MALLOC_MMAP_THRESHOLD_="
+              "65536)" if args.exact_rss else ", default glibc allocator (it keeps freed heap blocks for reuse)")
+              + ". Predicted: `memoryformer.footprint.footprint(..., device='cpu')` for the same micro-batch, "
+              "accumulation and table option, with the measured share of rows hit for sparse rows."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
