@@ -17,7 +17,8 @@ field of the MemoryFormer run only (e.g. table_optim=rowwise); each variant trai
 same dense control, which trains once per seed and is reused by every variant (`--dense-from JSON` takes its numbers
 from an earlier results file of the same schedule instead). `--max-rounds N` stops after the first N milestones.
 `--seeds S ...` repeats the comparison for each seed (run folders OUT/seed<S>/) and adds a summary with the mean and
-spread over seeds of the final validation PPLs and of the MemoryFormer / dense ratio.
+spread over seeds of the final validation PPLs and of the MemoryFormer / dense ratio. `--variant-only` trains just
+the variant to every milestone, e.g. while the shared dense control is still being trained by another process.
 
 Writes benchmarks/results/quality_<config>_<device>[_<tag>][_seed<S>].{json,md} (+ _seeds.{json,md}).
 """
@@ -73,6 +74,9 @@ def parse_args(argv):
     ap.add_argument("--max-rounds", type=int, default=None, help="stop after this many milestones")
     ap.add_argument("--dense-from", metavar="JSON", default=None,
                     help="take the dense control's numbers from an earlier results file of the same schedule")
+    ap.add_argument("--variant-only", action="store_true",
+                    help="only train the MemoryFormer run to every milestone (no dense control, no results files); "
+                    "the same command without this flag then compares it, training nothing it already has")
     args = ap.parse_args(argv)
     args.mf_over, args.train_over = _pairs(ap, "--mf-set", args.mf_set), _pairs(ap, "--train-set", args.train_set)
     return ap, args
@@ -108,7 +112,7 @@ def main(argv=None) -> dict:
                                       command, dev)
     except Interrupted:
         raise SystemExit(130) from None
-    if args.seeds:
+    if args.seeds and not args.variant_only:
         return write_seeds(res_dir / f"{stem}_seeds", args, command, per_seed)
     return per_seed[seeds[0]]
 
@@ -130,6 +134,9 @@ def run_seed(ap, args, seed: int, out: Path, stem: Path, command: str, dev: str)
     mf_label = args.config + "".join(f" {k}={v}" for k, v in {**args.mf_over, **args.train_over}.items())
     contenders = [Contender("memoryformer", mf_cfg, out / _variant_dir(args.config, args.mf_over, args.train_over),
                             dict(args.train_over))]
+    if args.variant_only:  # the dense control's folder is left alone (another process may be training it)
+        run_rounds(contenders, base, marks, log=lambda m: print(m, file=sys.stderr, flush=True))
+        return {"variant_only": str(contenders[0].run_dir)}
     dense_rows = _dense_from(ap, args, total_steps, seq_len) if args.dense_from else None
     if dense_rows is None:
         contenders.append(Contender("dense", dense_cfg, out / f"{args.config}-dense"))

@@ -18,6 +18,8 @@ from memoryformer.config import (
     DEVICES,
     INFERENCE_DTYPES,
     PRECISIONS,
+    TABLE_DTYPES,
+    TABLE_OPTIMS,
     ConfigError,
     MemoryFormerError,
     ModelConfig,
@@ -96,6 +98,9 @@ TRAIN_HELP = {
     "beta2": "AdamW beta2 (default 0.95)",
     "eps": "AdamW epsilon (default 1e-8)",
     "grad_clip": "max gradient norm, 0 = off (default 1.0)",
+    "table_optim": "memory-table optimizer: adamw (the paper's recipe, default), rowwise (one second moment per "
+    "row segment, only hit rows move) or partial-rowwise-adam (rowwise + per-element momentum)",
+    "table_dtype": "memory-table storage: fp32 (default) or bf16 (fp32 sums, stochastically rounded updates)",
     "max_steps": "run length in optimizer steps",
     "max_tokens": "run length in training tokens (e.g. 5e6); default: 20 per parameter of the dense control",
     "time_budget": "run length in time (e.g. 600, 10m, 2h): sets the schedule if no steps/tokens are given, "
@@ -122,7 +127,7 @@ TRAIN_HELP = {
     "verify": "check the checkpoint resumed from and the token cache against their SHA-256 (default; --no-verify "
     "skips it; SHA-256 costs about 2-3 s per GB on one core)",
 }
-CHOICES = {"device": DEVICES, "precision": PRECISIONS}
+CHOICES = {"device": DEVICES, "precision": PRECISIONS, "table_optim": TABLE_OPTIMS, "table_dtype": TABLE_DTYPES}
 
 
 def add_train(p: argparse.ArgumentParser) -> None:
@@ -392,6 +397,36 @@ def run_flops(args) -> None:
             print(f"\nFigure 1 written to {args.plot}")
 
 
+def add_memory(p) -> None:
+    p.add_argument("config", metavar="PRESET", help="a preset (micro, tiny, small, base, pythia-70m, ...)")
+    p.add_argument("--batch", type=int, default=1, help="micro-batch in sequences (default 1)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's max_seq_len)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--table-optim", choices=TABLE_OPTIMS, default=None, help="one option (default: a table of all)")
+    p.add_argument("--table-dtype", choices=TABLE_DTYPES, default="fp32")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda adds the runtime and a 10%% reserve; cpu counts sparse table rows (default cuda)")
+    p.add_argument("--gpu-mem", default="80GB", help="GPU size to check the fit against (default 80GB)")
+
+
+def run_memory(args) -> None:
+    from memoryformer import footprint
+    from memoryformer.config import get_config
+
+    positive(batch=args.batch, accum=args.accum, seq_len=args.seq_len)
+    get_config(args.config)  # an unknown preset: one line naming it
+    try:
+        footprint.parse_bytes(args.gpu_mem)
+    except ValueError:
+        raise ConfigError(f"--gpu-mem: expected a size such as 80GB or 8e10, got {args.gpu_mem!r}") from None
+    kw = dict(accum=args.accum, device=args.device)
+    if args.table_optim is None:
+        print(footprint.options_table(args.config, args.batch, args.seq_len, gpu_mem=args.gpu_mem, **kw))
+    else:
+        print(footprint.report(args.config, args.batch, args.seq_len, args.table_optim, args.table_dtype,
+                               gpu_mem=args.gpu_mem, **kw))
+
+
 def add_generate(p) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run folder")
     p.add_argument("--prompt", required=True, help="text to continue")
@@ -477,6 +512,7 @@ COMMANDS = (
     ("ablate", add_ablate, run_ablate, "the paper's ablations (Tables 2-6, weighting): train each variant, tabulate"),
     ("analyze", add_analyze, run_analyze, "bucket usage of the Memory Layers (Figure 4) and the weight distribution"),
     ("flops", add_flops, run_flops, "the paper's FLOP counts (Table 1, Figure 1) and table memory per preset"),
+    ("memory", add_memory, run_memory, "training memory per preset and table option, and whether it fits a GPU"),
     ("generate", add_generate, run_generate, "sample a continuation of a prompt from a checkpoint"),
     ("export", add_export, run_export, "write a checkpoint for inference (int8/bf16 tables) or for transformers"),
 )

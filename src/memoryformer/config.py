@@ -34,6 +34,8 @@ BACKENDS = ("auto", "reference", "embedding_bag", "cpu", "triton")
 INFERENCE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # frozen table dtypes (`to_inference`, --tables)
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+TABLE_OPTIMS = ("adamw", "rowwise", "partial-rowwise-adam")  # memory-table optimizer rules (memoryformer.optim)
+TABLE_DTYPES = ("fp32", "bf16")  # memory-table storage while training
 
 
 def canonical_weighting(name: str) -> str:
@@ -291,6 +293,8 @@ class TrainConfig(_Serialisable):
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    table_optim: str = "adamw"  # memory tables: "adamw" (the recipe), "rowwise", "partial-rowwise-adam" (optim.py)
+    table_dtype: str = "fp32"  # memory-table storage: "fp32" or "bf16" (updates stochastically rounded)
     max_steps: int | None = None  # the run's length in optimizer steps (sets the LR schedule) ...
     max_tokens: int | None = None  # ... or in training tokens ...
     time_budget: float | None = None  # ... or in seconds (also a hard stop for the other two); this run only
@@ -336,6 +340,8 @@ class TrainConfig(_Serialisable):
             f.flag(name)
         f.one_of("device", DEVICES)
         f.one_of("precision", PRECISIONS)
+        f.one_of("table_optim", TABLE_OPTIMS)
+        f.one_of("table_dtype", TABLE_DTYPES)
 
 
 # -- run-config files (the CLI's --config) ---------------------------------------------------------------------------

@@ -79,7 +79,14 @@ def forward(codes: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) ->
 
 
 def backward(grad, codes, weights, tables, need_weights: bool, need_tables: bool):
-    """grad (N, h) -> (grad_weights (N, K) in the weights' dtype, grad_tables (K, R, h) in the tables' dtype)."""
+    """grad (N, h) -> (grad_weights (N, K) in the weights' dtype, grad_tables (K, R, h) in the tables' dtype).
+
+    Sums run in fp32 for bf16/fp16 tables (fp64 when anything is fp64). For tables marked with
+    `sparse_table_grads`, grad_tables is a sparse COO tensor of the touched rows only.
+    """
+    if need_tables and _SPARSE_TABLES and _storage_key(tables) in _SPARSE_TABLES:
+        gw, _ = backward(grad, codes, weights, tables, need_weights, False)
+        return gw, touched_rows_grad(grad, codes, weights, tables)
     if tables.is_floating_point():
         try:
             return _embedding_bag_backward(grad, codes, weights, tables, need_weights, need_tables)
@@ -88,22 +95,29 @@ def backward(grad, codes, weights, tables, need_weights: bool, need_tables: bool
     return _chunked_backward(grad, codes, weights, tables, need_weights, need_tables)
 
 
+def _acc_dtype(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
 def _embedding_bag_backward(grad, codes, weights, tables, need_weights: bool, need_tables: bool):
     """ATen's embedding-bag backward kernels, called as autograd would after the fbgemm forward (whose
-    offset2bag comes back empty): the fastest CPU path measured, sorted per row and hence deterministic."""
+    offset2bag comes back empty): the fastest CPU path measured, sorted per row and hence deterministic.
+    They sum in their inputs' dtype and write in it, so bf16/fp16 tables are widened to fp32 first (a transient
+    fp32 copy of one table; the weight gradient's outputs would otherwise be rounded to bf16)."""
     N, K = codes.shape
     R, h = tables.shape[1], tables.shape[2]
-    flat = tables.reshape(K * R, h)
+    acc = _acc_dtype(grad, weights, tables)
     idx = _flat_index(codes, R)
     bags = torch.arange(0, N * K, K, dtype=idx.dtype)
-    psw = weights.reshape(-1).to(tables.dtype)
-    g = grad.to(tables.dtype)
+    psw = weights.reshape(-1).to(acc)
+    g = grad.to(acc)
     empty, zeros = idx.new_empty(0), idx.new_zeros(N)
     gw, gt = weights.new_empty((0,)), tables.new_empty((0,))
     if need_tables:
         gt = torch.ops.aten._embedding_bag_backward(g, idx, bags, empty, zeros, zeros, K * R, False, 0, False, psw, -1)
-        gt = gt.view(K, R, h)
+        gt = gt.view(K, R, h).to(tables.dtype)
     if need_weights:
+        flat = tables.reshape(K * R, h).to(acc)
         gw = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, flat, idx, bags, empty, 0, -1)
         gw = gw.view(N, K).to(weights.dtype)
     return gw, gt
@@ -112,7 +126,7 @@ def _embedding_bag_backward(grad, codes, weights, tables, need_weights: bool, ne
 def _chunked_backward(grad, codes, weights, tables, need_weights: bool, need_tables: bool):
     N, K = codes.shape
     R, h = tables.shape[1], tables.shape[2]
-    acc = torch.float64 if torch.float64 in (grad.dtype, tables.dtype, weights.dtype) else torch.float32
+    acc = _acc_dtype(grad, weights, tables)
     flat = tables.reshape(K * R, h)
     idx = _flat_index(codes, R).view(N, K)
     g = grad.to(acc)
@@ -132,6 +146,69 @@ def _chunked_backward(grad, codes, weights, tables, need_weights: bool, need_tab
     if need_tables:
         gt = gt.view(K, R, h).to(tables.dtype)
     return gw, gt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table gradients as touched rows (row-wise optimizers, `memoryformer.optim`): a micro-batch hits only part of a
+# table's rows (5-20 % in the later blocks of a trained micro model), so the dense (K, R, h) gradient is mostly zeros.
+
+_SPARSE_TABLES: dict[int, object] = {}  # storage address of marked tables -> who marked them
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def sparse_table_grads(tables: torch.Tensor, owner: object) -> None:
+    """Make the CPU backward return the gradient of `tables` as a sparse COO tensor (its touched rows), as
+    `nn.Embedding(sparse=True)` does; autograd accumulates it into `tables.grad` (sparse) as usual. Matched by
+    storage, so views of the tables count too. Undo with `dense_table_grads`."""
+    _SPARSE_TABLES[_storage_key(tables)] = owner
+
+
+def dense_table_grads(tables: torch.Tensor, owner: object | None = None) -> None:
+    """Back to dense gradients for `tables` (only if `owner` marked them, when given)."""
+    key = _storage_key(tables)
+    if key in _SPARSE_TABLES and (owner is None or _SPARSE_TABLES[key] is owner):
+        del _SPARSE_TABLES[key]
+
+
+def touched_rows_backward(grad, codes, weights, tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (U,) sorted unique flat row ids k*R + code, values (U, h)): the table gradient on the rows hit.
+
+    ATen's embedding-bag backward on the compacted ids (row -> its rank among the hit rows) writes a (U, h)
+    result instead of a (K*R, h) one; the sums are fp32 (fp64 for fp64 inputs) whatever the tables' dtype.
+    """
+    N, K = codes.shape
+    R, h = tables.shape[1], tables.shape[2]
+    acc = _acc_dtype(grad, weights, tables)
+    idx = _flat_index(codes, R)
+    hit = torch.bincount(idx, minlength=K * R) > 0  # the ids are bounded: count instead of sorting (torch.unique)
+    rows = hit.nonzero().squeeze(1)
+    inv = (torch.cumsum(hit, 0) - 1).index_select(0, idx)  # row id -> its rank among the hit rows
+    g, psw = grad.to(acc), weights.reshape(-1).to(acc)
+    try:
+        bags = torch.arange(0, N * K, K, dtype=idx.dtype)
+        empty, zeros = idx.new_empty(0), idx.new_zeros(N)
+        vals = torch.ops.aten._embedding_bag_backward(g, inv, bags, empty, zeros, zeros, rows.numel(), False, 0,
+                                                      False, psw, -1)
+    except (RuntimeError, AttributeError, TypeError):  # private ATen signature moved: token chunks + index_add_
+        vals = torch.zeros(rows.numel(), h, dtype=acc)
+        inv = inv.view(N, K)
+        step = max(1, _CHUNK_ELEMS // (K * h))
+        for s in range(0, N, step):
+            e = min(N, s + step)
+            vals.index_add_(0, inv[s:e].reshape(-1), (psw.view(N, K)[s:e, :, None] * g[s:e, None, :]).reshape(-1, h))
+    return rows, vals
+
+
+def touched_rows_grad(grad, codes, weights, tables) -> torch.Tensor:
+    """The table gradient as a coalesced sparse COO tensor of shape (K, R, h) in the tables' dtype: indices
+    (2, U) = (table k, row), values (U, h)."""
+    R = tables.shape[1]
+    rows, vals = touched_rows_backward(grad, codes, weights, tables)
+    return torch.sparse_coo_tensor(torch.stack((rows // R, rows % R)), vals.to(tables.dtype), tables.shape,
+                                   is_coalesced=True, check_invariants=False)
 
 
 lookup_op = define_lookup_op("lookup_cpu", forward, backward)

@@ -308,7 +308,7 @@ def _input_grad_op(
 
 @layer_op.register_fake
 def _(x, tables, tau, code_weighting, temperature):
-    N, (K, R, H) = x.shape[0], tables.shape
+    N, (K, _, H) = x.shape[0], tables.shape
     wdt = torch.float64 if torch.float64 in (x.dtype, tables.dtype) else torch.float32
     y = x.new_empty((N, H), dtype=tables.dtype)
     return y, x.new_empty((N, K), dtype=torch.int32), x.new_empty((N, K), dtype=wdt)

@@ -144,7 +144,7 @@ def train_step(run: Run) -> tuple[float, float, float, bool]:
             (loss / run.accum).backward()
         loss_sum += loss.detach()
     clip = run.tcfg.grad_clip if run.tcfg.grad_clip > 0 else float("inf")
-    gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    gnorm = run.opt.clip_grad_norm_(clip)  # sparse table rows included (memoryformer.optim)
     gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
     bad = (~torch.stack([loss_sum, gnorm.to(loss_sum)]).isfinite().all()).float()
     bad = all_reduce(bad, run.rt, "max")  # every rank skips, or none

@@ -49,10 +49,11 @@ def default_tokens(cfg: ModelConfig) -> int:
     return 20 * (n + 2 * cfg.vocab_size * cfg.d_model)
 
 
-def build_optimizer(model, tcfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over `model.param_groups` (tables decayed unless `exclude_tables_from_wd`)."""
-    groups = model.param_groups(tcfg.weight_decay, 0.0 if tcfg.exclude_tables_from_wd else None)
+def build_optimizer(model, tcfg: TrainConfig, device: torch.device):
+    """AdamW over `model.param_groups` (tables decayed unless `exclude_tables_from_wd`), the tables under the rule
+    and storage of `tcfg.table_optim` / `tcfg.table_dtype` (`memoryformer.optim`; the default is plain AdamW)."""
+    from memoryformer.optim import build_optimizer as build
+
     # fused on CUDA; foreach elsewhere (torch picks the per-tensor loop on CPU, which is several times slower)
     fused = device.type == "cuda" and not tcfg.fsdp
-    return torch.optim.AdamW(groups, lr=tcfg.lr or default_lr(model.config), betas=(tcfg.beta1, tcfg.beta2),
-                             eps=tcfg.eps, fused=fused or None, foreach=None if fused else True)
+    return build(model, tcfg, lr=tcfg.lr or default_lr(model.config), fused=fused)

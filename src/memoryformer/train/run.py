@@ -17,6 +17,7 @@ from memoryformer import checkpoint as ckpt_io
 from memoryformer import data as data_mod
 from memoryformer.config import SAMPLE, ConfigError, MemoryFormerError, ModelConfig, TrainConfig
 from memoryformer.model import build_model
+from memoryformer.optim import cast_tables
 from memoryformer.train import distributed as dist_mod
 from memoryformer.train.distributed import Runtime, all_reduce, barrier
 from memoryformer.train.recipe import build_optimizer, default_lr, default_tokens
@@ -25,6 +26,7 @@ from memoryformer.train.recipe import build_optimizer, default_lr, default_token
 RESUME_FIXED = (
     "data", "val_data", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_frac", "weight_decay",
     "exclude_tables_from_wd", "beta1", "beta2", "eps", "grad_clip", "seed", "val_fraction", "fsdp",
+    "table_optim", "table_dtype",
 )
 # Default micro-batch: as many sequences as fit this many tokens per forward (the fp32 logits and their gradient
 # take ~16 bytes x vocab per token, 3.3 GB for 4096 tokens at vocab 50 304).
@@ -169,6 +171,7 @@ def setup(cfg: ModelConfig, tcfg: TrainConfig, rt: Runtime, seq_len: int, resume
         bare = build_model(cfg)
     bare.to_empty(device=rt.device)
     bare.init_weights()
+    cast_tables(bare, tcfg.table_dtype)
     state = ckpt_io.load_training_checkpoint(resume_path, verify=tcfg.verify) if resume_path is not None else None
     if state is not None:
         bare.load_state_dict(state["model_state"])
