@@ -417,6 +417,7 @@ class _RandomSource:
             if hasattr(m, "table_scale") and hasattr(m, "tables"):
                 self.shapes[f"{name}.table_scale" if name else "table_scale"] = tuple(m.tables.shape[:-1])
         self.gen = torch.Generator().manual_seed(seed)
+        self.rng = __import__("numpy").random.default_rng(seed)
         self.d = model.config.d_model
 
     def has(self, name: str) -> bool:
@@ -430,10 +431,11 @@ class _RandomSource:
 
     def read(self, name: str, a: int, b: int) -> torch.Tensor:
         shape = (b - a, *self.shapes[name][1:]) if self.shapes[name] else ()
-        if name.endswith(".tables"):
-            return torch.randint(-127, 128, shape, dtype=torch.int8, generator=self.gen)
-        if name.endswith(".table_scale"):  # uniform int8 has std 127/sqrt(3): dequantised std 0.02, the tables' init
-            return torch.full(shape, 0.02 * math.sqrt(3) / 127)
+        if name.endswith(".tables"):  # uniform bytes (fast to draw for GB of tables)
+            n = math.prod(shape)
+            return torch.frombuffer(bytearray(self.rng.bytes(n)), dtype=torch.int8).view(shape)
+        if name.endswith(".table_scale"):  # uniform int8 has std 128/sqrt(3): dequantised std 0.02, the tables' init
+            return torch.full(shape, 0.02 * math.sqrt(3) / 128)
         leaf = name.rsplit(".", 1)[-1]
         if "norm" in name:
             return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)

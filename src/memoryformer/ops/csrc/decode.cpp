@@ -66,7 +66,7 @@ torch::Tensor decode(torch::Tensor x, torch::Tensor tables, c10::optional<torch:
 }
 
 // x (M, d) floating; W (V, d) fp32/bf16/fp16/int8; scale (V,) fp32 or None -> (M, V) float32 = x W^T * scale.
-torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> scale) {
+torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor> scale, bool int16_head) {
   TORCH_CHECK(W.dim() == 2 && x.dim() == 2 && x.size(1) == W.size(1), "gemv: x (M, d) and W (V, d) expected");
   auto xf = x.to(torch::kFloat).contiguous();
   auto Wc = W.contiguous();
@@ -75,15 +75,20 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor
   if (scale.has_value()) sc = scale->to(torch::kFloat).contiguous();
   const float* sp = scale.has_value() ? sc.data_ptr<float>() : nullptr;
   auto y = torch::empty({M, V}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  std::vector<int16_t> x16;
+  std::vector<float> sx(M);
+  if (Wc.scalar_type() == at::kChar && sp != nullptr && d <= mfk::kI16MaxD && int16_head) {
+    x16.resize(M * d);
+    for (int64_t m = 0; m < M; ++m) sx[m] = mfk::quantize_x16(xp + m * d, d, x16.data() + m * d);
+  }
   dispatch_rows(Wc.scalar_type(), "gemv: W", [&](auto tag) {
     using T = decltype(tag);
     const T* wp = reinterpret_cast<const T*>(Wc.data_ptr());
     const int64_t nc = (V + kHeadChunk - 1) / kHeadChunk;
     mfk::Pool::get().run(nc, [&](int64_t c) {
       const int64_t r0 = c * kHeadChunk, r1 = std::min(V, r0 + kHeadChunk);
-      for (int64_t r = r0; r < r1; r += 16)  // each block of W rows read from memory once for all M rows of x
-        for (int64_t m = 0; m < M; ++m)
-          mfk::gemv_rows(wp, sp, xf.data_ptr<float>() + m * d, d, r, std::min(r1, r + 16), y.data_ptr<float>() + m * V);
+      mfk::head_rows(wp, sp, xp, x16.empty() ? nullptr : x16.data(), sx.data(), M, d, V, r0, r1, y.data_ptr<float>());
     });
   });
   return y;
@@ -101,13 +106,16 @@ torch::Tensor huge_empty(std::vector<int64_t> sizes, at::ScalarType dtype) {
 void set_threads(int64_t n) { mfk::Pool::get().resize(static_cast<int>(n)); }
 int64_t get_threads() { return mfk::Pool::get().size(); }
 void set_spin_us(int64_t us) { mfk::Pool::get().set_spin_us(us); }
+void set_prefetch(int64_t rows) { mfk::g_prefetch_rows.store(static_cast<int>(std::max<int64_t>(0, rows))); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "Memory Layer hash + gather for a few tokens");
-  m.def("gemv", &gemv, "x W^T * scale for a few rows x (fp32/bf16/fp16/int8 W)");
+  m.def("gemv", &gemv, "x W^T * scale for a few rows x (fp32/bf16/fp16/int8 W)", pybind11::arg("x"), pybind11::arg("W"),
+        pybind11::arg("scale"), pybind11::arg("int16_x") = true);
   m.def("huge_empty", &huge_empty, "uninitialised tensor on transparent huge pages");
   m.def("set_threads", &set_threads, "threads of the kernels' pool (including the caller)");
   m.def("get_threads", &get_threads);
   m.def("set_spin_us", &set_spin_us, "how long idle pool workers spin before sleeping");
+  m.def("set_prefetch", &set_prefetch, "rows a gather prefetches ahead (0: none)");
   register_engine(m);
 }

@@ -152,6 +152,10 @@ class Engine {
     pos_ = p;
   }
   at::Tensor kcache() const { return kc_; }
+  void set_option(const std::string& name, int64_t v) {
+    if (name == "flip_head") flip_head_ = v != 0;
+    else TORCH_CHECK(false, "engine: unknown option ", name);
+  }
   at::Tensor vcache() const { return vc_; }
 
   // ids (B, T) int64 at positions pos() .. pos()+T-1 -> logits (B, V) float32 of the last one. Each token's K/V are
@@ -316,14 +320,23 @@ class Engine {
     auto y = at::empty({M, V_}, at::TensorOptions().dtype(at::kFloat));
     float* yp = y.data_ptr<float>();
     const float* sp = head_scale_.defined() ? head_scale_.data_ptr<float>() : nullptr;
+    const bool i16 = head_.scalar_type() == at::kChar && sp != nullptr && d_ <= mfk::kI16MaxD;
+    if (i16) {
+      x16_.resize(M * d_);
+      sx_.resize(M);
+      for (int64_t m = 0; m < M; ++m) sx_[m] = mfk::quantize_x16(x + m * d_, d_, x16_.data() + m * d_);
+    }
     dispatch(head_.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       const T* wp = reinterpret_cast<const T*>(head_.data_ptr());
       const int64_t nc = (V_ + kHeadChunk - 1) / kHeadChunk;
+      // Alternate the scan direction: what the last step read last is still in the L3 cache, so a head a little
+      // larger than the L3 is partly read from it instead of DRAM.
+      const bool rev = flip_head_ && (head_calls_++ & 1);
       mfk::Pool::get().run(nc, [&](int64_t c) {
+        if (rev) c = nc - 1 - c;
         const int64_t r0 = c * kHeadChunk, r1 = std::min(V_, r0 + kHeadChunk);
-        for (int64_t r = r0; r < r1; r += 16)
-          for (int64_t m = 0; m < M; ++m) mfk::gemv_rows(wp, sp, x + m * d_, d_, r, std::min(r1, r + 16), yp + m * V_);
+        mfk::head_rows(wp, sp, x, i16 ? x16_.data() : nullptr, sx_.data(), M, d_, V_, r0, r1, yp);
       });
     });
     return y;
@@ -337,7 +350,11 @@ class Engine {
   std::vector<BlockW> blocks_;
   std::vector<float> x_, xn_, qkv_, att_, hid_buf_, out_, w_, tmp_, scores_;
   std::vector<int64_t> rows_;
+  std::vector<int16_t> x16_;
+  std::vector<float> sx_;
   int64_t pos_ = 0;
+  int64_t head_calls_ = 0;
+  bool flip_head_ = true;
 };
 
 void register_engine(pybind11::module& m) {
@@ -350,5 +367,6 @@ void register_engine(pybind11::module& m) {
       .def("pos", &Engine::pos)
       .def("set_pos", &Engine::set_pos)
       .def("kcache", &Engine::kcache)
-      .def("vcache", &Engine::vcache);
+      .def("vcache", &Engine::vcache)
+      .def("set_option", &Engine::set_option);
 }

@@ -286,16 +286,21 @@ inline void prefetch_row(const T* row, int64_t c0, int64_t c1) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
 }
 
+// Rows a gather prefetches ahead of the one it adds (0: none); `set_prefetch` in the bindings, for measurements.
+inline std::atomic<int> g_prefetch_rows{8};
+
 template <typename T>
 inline void gather_cols(const T* tab, const int64_t* rows, const float* w, int64_t K, int64_t h, int64_t c0,
-                        int64_t c1, float* out, int dist = 8) {
+                        int64_t c1, float* out) {
   if (c1 <= c0) return;
+  const int dist = g_prefetch_rows.load(std::memory_order_relaxed);
   for (int64_t k = 0; k < std::min<int64_t>(dist, K); ++k) prefetch_row(tab + rows[k] * h, c0, c1);
   int64_t k = 0;
 #if MF_AVX2
   const int64_t cv = c0 + (c1 - c0) / 8 * 8;
   for (; k + 4 <= K; k += 4) {  // four rows per pass over out: a quarter of the load/store traffic on out
-    for (int64_t q = k + dist; q < std::min(K, k + dist + 4); ++q) prefetch_row(tab + rows[q] * h, c0, c1);
+    if (dist > 0)
+      for (int64_t q = k + dist; q < std::min(K, k + dist + 4); ++q) prefetch_row(tab + rows[q] * h, c0, c1);
     const T *r0 = tab + rows[k] * h, *r1 = tab + rows[k + 1] * h, *r2 = tab + rows[k + 2] * h, *r3 = tab + rows[k + 3] * h;
     const __m256 w0 = _mm256_set1_ps(w[k]), w1 = _mm256_set1_ps(w[k + 1]), w2 = _mm256_set1_ps(w[k + 2]),
                  w3 = _mm256_set1_ps(w[k + 3]);
@@ -312,7 +317,7 @@ inline void gather_cols(const T* tab, const int64_t* rows, const float* w, int64
   }
 #endif
   for (; k < K; ++k) {
-    if (k + dist < K) prefetch_row(tab + rows[k + dist] * h, c0, c1);
+    if (dist > 0 && k + dist < K) prefetch_row(tab + rows[k + dist] * h, c0, c1);
     const T* r = tab + rows[k] * h;
     const float wk = w[k];
     for (int64_t j = c0; j < c1; ++j) out[j] += wk * to_f(r[j]);
@@ -353,6 +358,76 @@ inline void gemv_rows(const T* W, const float* scale, const float* x, int64_t d,
     for (int64_t j = 0; j < d; ++j) t += to_f(a[j]) * x[j];
     y[r] = scale ? t * scale[r] : t;
   }
+}
+
+// int8 rows against x quantised to int16 (one scale for the whole vector, 14 bits: error ~6e-5 of max|x|, far
+// below the weights' int8 rounding): 16 multiply-adds per vpmaddwd instead of a convert and an FMA per 8, so the
+// int8 head is bound by memory, not by dequantising. Lane sums stay below 2^31 for d <= 4096.
+constexpr int64_t kI16MaxD = 4096;
+
+inline float quantize_x16(const float* x, int64_t d, int16_t* x16) {
+  float mx = 0.f;
+  for (int64_t j = 0; j < d; ++j) mx = std::max(mx, std::fabs(x[j]));
+  const float sx = mx > 0.f ? mx / 16383.f : 1.f, inv = 1.f / sx;
+  for (int64_t j = 0; j < d; ++j) x16[j] = static_cast<int16_t>(std::lrint(x[j] * inv));
+  return sx;
+}
+
+inline void gemv_rows_i16(const int8_t* W, const float* scale, const int16_t* x16, float sx, int64_t d, int64_t r0,
+                          int64_t r1, float* y) {
+  int64_t r = r0;
+#if MF_AVX2
+  const int64_t dv = d / 16 * 16;
+  auto hsum_i = [](__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+  };
+  for (; r + 4 <= r1; r += 4) {
+    const int8_t *a = W + r * d, *b = a + d, *c = b + d, *e = c + d;
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t j = 0; j < dv; j += 16) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + j));
+      s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + j))), xv));
+      s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + j))), xv));
+      s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j))), xv));
+      s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(e + j))), xv));
+    }
+    int32_t t[4] = {hsum_i(s0), hsum_i(s1), hsum_i(s2), hsum_i(s3)};
+    for (int64_t j = dv; j < d; ++j) {
+      t[0] += a[j] * x16[j];
+      t[1] += b[j] * x16[j];
+      t[2] += c[j] * x16[j];
+      t[3] += e[j] * x16[j];
+    }
+    for (int i = 0; i < 4; ++i) y[r + i] = static_cast<float>(t[i]) * sx * scale[r + i];
+  }
+#endif
+  for (; r < r1; ++r) {
+    const int8_t* a = W + r * d;
+    int32_t t = 0;
+    for (int64_t j = 0; j < d; ++j) t += a[j] * x16[j];
+    y[r] = static_cast<float>(t) * sx * scale[r];
+  }
+}
+
+// The head: y (M, V) = x (M, d) W^T (* scale) over rows [r0, r1), each block of W rows read once for all M.
+// x16/sx: x quantised by quantize_x16 (int8 W with scales and d <= kI16MaxD), else null.
+template <typename T>
+inline void head_rows(const T* W, const float* scale, const float* x, const int16_t* x16, const float* sx, int64_t M,
+                      int64_t d, int64_t V, int64_t r0, int64_t r1, float* y) {
+  for (int64_t r = r0; r < r1; r += 16)
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t e = std::min(r1, r + 16);
+      if constexpr (std::is_same_v<T, int8_t>) {
+        if (x16 != nullptr) {
+          gemv_rows_i16(W, scale, x16 + m * d, sx[m], d, r, e, y + m * V);
+          continue;
+        }
+      }
+      gemv_rows(W, scale, x + m * d, d, r, e, y + m * V);
+    }
 }
 
 }  // namespace mfk
