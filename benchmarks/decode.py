@@ -16,6 +16,7 @@ Sections:
   decode   tokens/s of every system; ratios at equal precision; bytes read per token and the effective GB/s.
   context  MemoryFormer engine decode speed after a `--long-context`-token prompt against after `--prompt`.
   head     the LM head (vocab 50 304 x 768) alone: the kernels considered for the quantised head.
+  quality  validation perplexity of a trained checkpoint (--checkpoint) with int8 / bf16 tables, head, embedding.
 """
 
 from __future__ import annotations
@@ -355,9 +356,48 @@ def section_head(args, lines: list[str], record: dict) -> None:
     record["head"] = dict(rows=rows, load=start)
 
 
+QUALITY_VARIANTS = {  # name -> (tables, head, embed) for load_for_inference
+    "fp32": ("float32", "float32", "float32"),
+    "int8 tables": ("int8", "float32", "float32"),
+    "int8 head + embedding": ("float32", "int8", "int8"),
+    "int8 (tables, head, embedding)": ("int8", "int8", "int8"),
+    "bf16 (tables, head, embedding)": ("bfloat16", "bfloat16", "bfloat16"),
+}
+
+
+def section_quality(args, lines: list[str], record: dict) -> None:
+    """Validation perplexity of a trained checkpoint with each part quantised (`load_for_inference`)."""
+    from quantization import perplexity, read_tokens
+
+    if not args.checkpoint:
+        raise SystemExit("--section quality needs --checkpoint DIR (a memoryformer.save_model directory)")
+    tokens = read_tokens(argparse.Namespace(tokens=args.tokens, data=args.data))
+    rows, base = [], None
+    for name, (tables, head, embed) in QUALITY_VARIANTS.items():
+        model = inf.load_for_inference(args.checkpoint, tables=tables, head=head, embed=embed)
+        seq = model.config.max_seq_len
+        ppl, n = perplexity(model, tokens, seq, args.ppl_tokens, 4, torch.device("cpu"))
+        base = ppl if base is None else base
+        rows.append(dict(variant=name, ppl=ppl, drift_pct=100 * (ppl / base - 1), tokens=n))
+        print(f"  quality: {name} {ppl:.4f} ({rows[-1]['drift_pct']:+.3f} %)", flush=True)
+        del model
+        gc.collect()
+    lines += [
+        f"## Quality: validation perplexity of `{args.checkpoint}` ({rows[0]['tokens']} tokens, windows of {seq}; "
+        f"source: {args.tokens or args.data or 'the bundled sample validation text'})",
+        "",
+        "| weights | val PPL | vs fp32 |",
+        "|---|---|---|",
+        *[f"| {r['variant']} | {r['ppl']:.4f} | {r['drift_pct']:+.3f} % |" for r in rows],
+        "",
+    ]
+    record["quality"] = dict(checkpoint=str(args.checkpoint), rows=rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--section", nargs="+", default=["head", "decode", "context"], choices=["head", "decode", "context"])
+    ap.add_argument("--section", nargs="+", default=["head", "decode", "context"],
+                    choices=["head", "decode", "context", "quality"])
     ap.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=list(PAIRS))
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     ap.add_argument("--prompt", type=int, default=32)
@@ -369,6 +409,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench")
     ap.add_argument("--gguf-dir", default=None, help="folder with pythia-{70m,160m}-{f32,f16,q8_0}.gguf")
+    ap.add_argument("--checkpoint", default=None, help="quality: a trained memoryformer.save_model directory")
+    ap.add_argument("--data", default=None, help="quality: source for memoryformer.data.val_tokens (default: bundled)")
+    ap.add_argument("--tokens", default=None, help="quality: token ids file (.npy, uint16 .bin, .txt) instead")
+    ap.add_argument("--ppl-tokens", type=int, default=65536, help="quality: validation tokens scored")
+    ap.add_argument("--out", default=None, help="write the markdown here instead of decode_<device>_<date>.md")
     ap.add_argument("--save", action="store_true", help="write benchmarks/results/decode_<device>_<date>.md/.json")
     args = ap.parse_args(argv)
     if args.llama_bench and not args.gguf_dir:
@@ -387,13 +432,15 @@ def main(argv=None):
                   argv=sys.argv if argv is None else argv, torch=torch.__version__)
     for name in args.section:
         n = len(lines)
-        {"head": section_head, "decode": section_decode, "context": section_context}[name](args, lines, record)
+        {"head": section_head, "decode": section_decode, "context": section_context,
+         "quality": section_quality}[name](args, lines, record)
         print("\n".join(lines[n:]), flush=True)
     lines.append(f"- {load()} at end")
     print(lines[-1])
-    if args.save:
+    if args.save or args.out:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / f"decode_{slug(device_name(device))}_{datetime.date.today().isoformat()}"
+        stem = Path(args.out).with_suffix("") if args.out else (
+            RESULTS / f"decode_{slug(device_name(device))}_{datetime.date.today().isoformat()}")
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
         stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {stem}.md / .json")

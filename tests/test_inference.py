@@ -54,9 +54,9 @@ def test_quantized_head_against_float_weights(dtype, rows):
     x = torch.randn(2, rows, 72)
     got = q(x)
     assert got.shape == (2, rows, 1003) and got.dtype == torch.float32
-    # the kernel computes exactly x @ (stored weight)^T (fp32 accumulation) ...
+    # the kernel computes x @ (stored weight)^T (fp32 accumulation; the int8 GEMV rounds x to 14 bits) ...
     w = q.weight.double() * (q.scale.double()[:, None] if q.scale is not None else 1)
-    assert rel_err(got, x.double() @ w.T) < 1e-5
+    assert rel_err(got, x.double() @ w.T) < (1e-4 if dtype == "int8" and rows <= inf.SMALL_M else 1e-5)
     # ... which is the fp32 head up to weight rounding: int8 absmax rows err <= 1/254 of a row's largest weight,
     # bf16 <= 2^-9 relative per weight
     assert rel_err(got, lin(x)) < (0.02 if dtype == "int8" else 0.01)
@@ -131,7 +131,7 @@ def test_engine_tau10_gelu_and_int8_head():
     model = build(d_model=80, n_head=4, tau=10, block_activation="gelu")  # K = 8, Memory-Block tables of 4096 rows
     to_inference(model, "int8")
     inf.quantize_model(model, "int8")
-    check_engine(model, 3, 8, tol=2e-5)
+    check_engine(model, 3, 8, tol=2e-4)  # the engine's int8 head rounds its input to 14 bits, the eager one (T > 8) not
 
 
 @needs_ext

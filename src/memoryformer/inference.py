@@ -340,6 +340,15 @@ class DecodeEngine:
         """The engine's LM head on final-norm hidden states (M, d) -> (M, V) float32."""
         return self._engine.head(hidden)
 
+    def profile(self, enabled: bool = True) -> None:
+        """Start (and zero) or stop per-phase timing of the steps; read it with `timings()`."""
+        self._engine.set_option("profile", int(enabled))
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent per phase since `profile()`: embed, norms_residuals, hash, gather_qkv, attention (rotary,
+        cache write and softmax attention), gather_block_l1, gather_block_l2, head."""
+        return dict(self._engine.profile())
+
     def cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The static (keys, values), each (layer, batch, head, max_seq_len, head_dim), rotary applied."""
         return self._engine.kcache(), self._engine.vcache()

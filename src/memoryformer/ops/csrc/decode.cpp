@@ -44,13 +44,13 @@ torch::Tensor decode(torch::Tensor x, torch::Tensor tables, c10::optional<torch:
   if (scale.has_value()) sc = scale->to(torch::kFloat).contiguous();
   const float* sp = scale.has_value() ? sc.data_ptr<float>() : nullptr;
   const float c = static_cast<float>(2.0 / temperature);
+  auto tc = tables.contiguous();
   for (int64_t n = 0; n < n_tok; ++n)
     mfk::hash_chunks(xf.data_ptr<float>() + n * K * tau, K, tau, true, code_weighting, c, sp, rows.data() + n * K,
-                     w.data() + n * K, tmp.data());
+                     w.data() + n * K, tmp.data(), tc.data_ptr(), h * static_cast<int64_t>(tc.element_size()));
   // a fresh buffer: never accumulate into the bias parameter itself
   auto out = bias.has_value() ? bias->to(torch::kFloat).expand({n_tok, h}).clone(at::MemoryFormat::Contiguous)
                               : torch::zeros({n_tok, h}, xf.options());
-  auto tc = tables.contiguous();
   float* op = out.data_ptr<float>();
   dispatch_rows(tc.scalar_type(), "decode: tables", [&](auto tag) {
     using T = decltype(tag);

@@ -10,6 +10,9 @@
 // vocabulary rows; hashes, norms and rotary (a few thousand floats) stay on the calling thread.
 #include <torch/extension.h>
 
+#include <map>
+#include <string>
+
 #include "kernels.h"
 
 namespace {
@@ -154,6 +157,10 @@ class Engine {
   at::Tensor kcache() const { return kc_; }
   void set_option(const std::string& name, int64_t v) {
     if (name == "flip_head") flip_head_ = v != 0;
+    else if (name == "profile") {
+      profile_ = v != 0;
+      std::fill(prof_, prof_ + kPhases, 0.0);
+    }
     else TORCH_CHECK(false, "engine: unknown option ", name);
   }
   at::Tensor vcache() const { return vc_; }
@@ -168,13 +175,18 @@ class Engine {
     const int64_t* ip = id.data_ptr<int64_t>();
     for (int64_t i = 0; i < B_ * T; ++i)
       TORCH_CHECK(ip[i] >= 0 && ip[i] < embed_.size(0), "forward: token id ", ip[i], " out of range [0, ", embed_.size(0), ")");
+    if (profile_) t_ = std::chrono::steady_clock::now();
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t b = 0; b < B_; ++b) embed_row(ip[b * T + t], x_.data() + b * d_);
+      mark(kEmbed);
       for (int64_t l = 0; l < L_; ++l) block(l);
       ++pos_;
     }
     for (int64_t b = 0; b < B_; ++b) rms_norm(x_.data() + b * d_, final_norm_.data_ptr<float>(), d_, rms_eps_, xn_.data() + b * d_);
-    return head_logits(xn_.data(), B_);
+    mark(kNorm);
+    auto logits = head_logits(xn_.data(), B_);
+    mark(kHead);
+    return logits;
   }
 
   // The LM head alone: hidden (M, d) (already normalised) -> (M, V) float32.
@@ -195,10 +207,11 @@ class Engine {
   }
 
   // y (B, h) = Memory Layer m of x (B, K*tau), each row with its own hash.
-  void memory_layer(const MemW& m, const float* x, float* y) {
+  void memory_layer(const MemW& m, const float* x, float* y, int phase) {
     for (int64_t b = 0; b < B_; ++b)
       mfk::hash_chunks(x + b * m.K * m.tau, m.K, m.tau, msb_, code_w_, c_, m.sc, rows_.data() + b * m.K,
-                       w_.data() + b * m.K, tmp_.data());
+                       w_.data() + b * m.K, tmp_.data(), m.tab, m.h * static_cast<int64_t>(c10::elementSize(m.dt)));
+    mark(kHash);
     dispatch(m.dt, [&](auto tag) {
       using T = decltype(tag);
       const T* tab = reinterpret_cast<const T*>(m.tab);
@@ -213,6 +226,7 @@ class Engine {
         }
       });
     });
+    mark(phase);
   }
 
   void rotate(float* v, const float* cs, const float* sn) const {
@@ -232,44 +246,6 @@ class Engine {
       auto* u = reinterpret_cast<uint16_t*>(dst);
       for (int64_t i = 0; i < hd_; ++i) u[i] = mfk::f32_to_bf16_bits(src[i]);
     }
-  }
-
-  // Softmax attention of q (hd) over keys/values [0, n) of one (layer, row, head) -> out (hd).
-  template <typename KV>
-  void attend(const float* q, const KV* kc, const KV* vc, int64_t n, float* sc, float* out) const {
-    const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) {
-      const KV* k = kc + t * hd_;
-      float s = 0.f;
-#if MF_AVX2
-      if (hd_ % 8 == 0) {
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t i = 0; i < hd_; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), mfk::load8(k + i), a);
-        s = mfk::hsum(a);
-      } else
-#endif
-        for (int64_t i = 0; i < hd_; ++i) s += q[i] * mfk::to_f(k[i]);
-      sc[t] = s * scale;
-      mx = std::max(mx, sc[t]);
-    }
-    for (int64_t t = 0; t < n; ++t) sc[t] -= mx;
-    mfk::exp_neg_inplace(sc, n);
-    double sum = 0;
-    for (int64_t t = 0; t < n; ++t) sum += sc[t];
-    std::fill(out, out + hd_, 0.f);
-    for (int64_t t = 0; t < n; ++t) {
-      const KV* v = vc + t * hd_;
-      const float p = sc[t];
-      int64_t i = 0;
-#if MF_AVX2
-      const __m256 pv = _mm256_set1_ps(p);
-      for (; i + 8 <= hd_; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, mfk::load8(v + i), _mm256_loadu_ps(out + i)));
-#endif
-      for (; i < hd_; ++i) out[i] += p * mfk::to_f(v[i]);
-    }
-    const float inv = static_cast<float>(1.0 / sum);
-    for (int64_t i = 0; i < hd_; ++i) out[i] *= inv;
   }
 
   template <typename KV>
@@ -293,29 +269,53 @@ class Engine {
     mfk::Pool::get().run(pairs, [&](int64_t p) {
       const int64_t b = p / nh_, h = p % nh_;
       const int64_t off = (b * nh_ + h) * S_ * hd_;
-      attend(qkv_.data() + b * 3 * d_ + h * 3 * hd_, kc + off, vc + off, n, scores_.data() + p * S_,
-             att_.data() + b * d_ + h * hd_);
+      mfk::attend(qkv_.data() + b * 3 * d_ + h * 3 * hd_, kc + off, vc + off, n, hd_, scores_.data() + p * S_,
+                  att_.data() + b * d_ + h * hd_);
     });
   }
 
   void block(int64_t l) {
     const BlockW& bw = blocks_[l];
     for (int64_t b = 0; b < B_; ++b) rms_norm(x_.data() + b * d_, bw.norm1.data_ptr<float>(), d_, rms_eps_, xn_.data() + b * d_);
-    memory_layer(bw.qkv, xn_.data(), qkv_.data());
+    mark(kNorm);
+    memory_layer(bw.qkv, xn_.data(), qkv_.data(), kQKV);
     if (kv_dtype_ == at::kFloat) attention<float>(l);
     else attention<at::BFloat16>(l);
+    mark(kAttention);
     for (int64_t i = 0; i < B_ * d_; ++i) x_[i] += att_[i];
     for (int64_t b = 0; b < B_; ++b) rms_norm(x_.data() + b * d_, bw.norm2.data_ptr<float>(), d_, rms_eps_, xn_.data() + b * d_);
-    memory_layer(bw.l1, xn_.data(), hid_buf_.data());
+    mark(kNorm);
+    memory_layer(bw.l1, xn_.data(), hid_buf_.data(), kL1);
     for (int64_t b = 0; b < B_; ++b) {
       float* hb = hid_buf_.data() + b * hid_;
       if (gelu_) gelu(hb, hid_);  // nn.GELU before the LayerNorm, as MemoryBlock.forward
       layer_norm(hb, bw.ln_w.data_ptr<float>(), bw.ln_b.data_ptr<float>(), hid_, ln_eps_);
     }
-    memory_layer(bw.l2, hid_buf_.data(), out_.data());
+    mark(kNorm);
+    memory_layer(bw.l2, hid_buf_.data(), out_.data(), kL2);
     for (int64_t i = 0; i < B_ * d_; ++i) x_[i] += out_[i];
+    mark(kNorm);
   }
 
+  // Optional per-phase wall time (set_option("profile", 1)), for the benchmark's breakdown.
+  enum Phase { kEmbed, kNorm, kHash, kQKV, kAttention, kL1, kL2, kHead, kPhases };
+  void mark(int phase) {
+    if (!profile_) return;
+    const auto now = std::chrono::steady_clock::now();
+    prof_[phase] += std::chrono::duration<double>(now - t_).count();
+    t_ = now;
+  }
+
+ public:
+  std::map<std::string, double> profile() const {
+    static const char* names[kPhases] = {"embed", "norms_residuals", "hash", "gather_qkv", "attention",
+                                         "gather_block_l1", "gather_block_l2", "head"};
+    std::map<std::string, double> out;
+    for (int i = 0; i < kPhases; ++i) out[names[i]] = prof_[i];
+    return out;
+  }
+
+ private:
   at::Tensor head_logits(const float* x, int64_t M) {
     auto y = at::empty({M, V_}, at::TensorOptions().dtype(at::kFloat));
     float* yp = y.data_ptr<float>();
@@ -355,6 +355,9 @@ class Engine {
   int64_t pos_ = 0;
   int64_t head_calls_ = 0;
   bool flip_head_ = true;
+  bool profile_ = false;
+  double prof_[kPhases] = {};
+  std::chrono::steady_clock::time_point t_;
 };
 
 void register_engine(pybind11::module& m) {
@@ -368,5 +371,6 @@ void register_engine(pybind11::module& m) {
       .def("set_pos", &Engine::set_pos)
       .def("kcache", &Engine::kcache)
       .def("vcache", &Engine::vcache)
-      .def("set_option", &Engine::set_option);
+      .def("set_option", &Engine::set_option)
+      .def("profile", &Engine::profile);
 }

@@ -23,6 +23,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -252,28 +253,61 @@ inline void exp_neg_inplace(float* v, int64_t n) {
 // x: K*tau floats. Bit j of chunk k is [x >= 0], weighted 2^(tau-1-j) (msb) or 2^j (lsb). Weight
 // p = prod_j sigmoid(c |x_j|) = 1 / prod_j (1 + exp(-c |x_j|)) with c = 2 / temperature, times ||x_k||_1 for the
 // "code" weighting, times the row's int8 scale if given. rows[k] = k*R + code. tmp: K*tau floats of scratch.
+// Once the codes are known, the first line of each row of `tab` (rows of `row_bytes` bytes, if given) is requested.
 inline void hash_chunks(const float* x, int64_t K, int64_t tau, bool msb, bool code_weighting, float c,
-                        const float* scale, int64_t* rows, float* w, float* tmp) {
-  const int64_t n = K * tau;
-  for (int64_t i = 0; i < n; ++i) tmp[i] = -c * std::fabs(x[i]);
-  exp_neg_inplace(tmp, n);
+                        const float* scale, int64_t* rows, float* w, float* tmp, const void* tab = nullptr,
+                        int64_t row_bytes = 0) {
   const int64_t R = int64_t(1) << tau;
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k0 = 0;
+#if MF_AVX2
+  // 8 chunks per vector: element j of chunks k..k+7 side by side (tmp holds x transposed to (tau, K)), so codes,
+  // products and sums are plain vertical operations for any tau
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < tau; ++j) tmp[j * K + k] = x[k * tau + j];
+  const __m256 vc = _mm256_set1_ps(-c), one = _mm256_set1_ps(1.f);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (; k0 + 8 <= K; k0 += 8) {
+    __m256i code = _mm256_setzero_si256();
+    __m256 den = one, l1 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < tau; ++j) {
+      const __m256 v = _mm256_loadu_ps(tmp + j * K + k0);
+      const __m256 a = _mm256_andnot_ps(sign, v);
+      const __m256i bit = _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ));
+      code = _mm256_or_si256(code, _mm256_and_si256(bit, _mm256_set1_epi32(1 << (msb ? tau - 1 - j : j))));
+      den = _mm256_mul_ps(den, _mm256_add_ps(one, exp_neg(_mm256_mul_ps(vc, a))));
+      l1 = _mm256_add_ps(l1, a);
+    }
+    __m256 p = _mm256_div_ps(one, den);
+    if (code_weighting) p = _mm256_mul_ps(p, l1);
+    _mm256_storeu_ps(w + k0, p);
+    alignas(32) int32_t cs[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(cs), code);
+    for (int i = 0; i < 8; ++i) {
+      const int64_t r = (k0 + i) * R + cs[i];
+      rows[k0 + i] = r;
+      // requested now, in flight while the next chunks hash: the row's first line, the int8 scale
+      if (tab) __builtin_prefetch(static_cast<const char*>(tab) + r * row_bytes, 0, 3);
+      if (scale) __builtin_prefetch(scale + r, 0, 3);
+    }
+  }
+#endif
+  for (int64_t k = k0; k < K; ++k) {
     const float* z = x + k * tau;
-    const float* e = tmp + k * tau;
     int64_t code = 0;
     float den = 1.f, l1 = 0.f;
     for (int64_t j = 0; j < tau; ++j) {
-      const int64_t bit = z[j] >= 0.f;
-      code |= msb ? bit << (tau - 1 - j) : bit << j;
-      den *= 1.f + e[j];
-      l1 += std::fabs(z[j]);
+      const float a = std::fabs(z[j]);
+      code |= static_cast<int64_t>(z[j] >= 0.f) << (msb ? tau - 1 - j : j);
+      den *= 1.f + std::exp(-c * a);
+      l1 += a;
     }
-    const int64_t r = k * R + code;
+    rows[k] = k * R + code;
     const float p = 1.f / den;
-    rows[k] = r;
-    w[k] = (code_weighting ? p * l1 : p) * (scale ? scale[r] : 1.f);
+    w[k] = code_weighting ? p * l1 : p;
+    if (tab) __builtin_prefetch(static_cast<const char*>(tab) + rows[k] * row_bytes, 0, 3);
   }
+  if (scale)
+    for (int64_t k = 0; k < K; ++k) w[k] *= scale[rows[k]];
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -358,6 +392,104 @@ inline void gemv_rows(const T* W, const float* scale, const float* x, int64_t d,
     for (int64_t j = 0; j < d; ++j) t += to_f(a[j]) * x[j];
     y[r] = scale ? t * scale[r] : t;
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attention of one query over cached keys/values, head_dim = 8 * NQ: q and the output stay in registers.
+
+#if MF_AVX2
+// sc[t] = scale * <q, k_t> for t in [0, n); keys are rows of 8 * NQ, four at a time.
+template <int NQ, typename KV>
+inline void qk_scores(const float* q, const KV* kc, int64_t n, float scale, float* sc) {
+  constexpr int64_t hd = 8 * NQ;
+  __m256 qv[NQ];
+  for (int i = 0; i < NQ; ++i) qv[i] = _mm256_loadu_ps(q + 8 * i);
+  const __m128 s4 = _mm_set1_ps(scale);
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    const KV *k0 = kc + t * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+    __m256 a0 = _mm256_mul_ps(qv[0], load8(k0)), a1 = _mm256_mul_ps(qv[0], load8(k1)),
+           a2 = _mm256_mul_ps(qv[0], load8(k2)), a3 = _mm256_mul_ps(qv[0], load8(k3));
+    for (int i = 1; i < NQ; ++i) {
+      a0 = _mm256_fmadd_ps(qv[i], load8(k0 + 8 * i), a0);
+      a1 = _mm256_fmadd_ps(qv[i], load8(k1 + 8 * i), a1);
+      a2 = _mm256_fmadd_ps(qv[i], load8(k2 + 8 * i), a2);
+      a3 = _mm256_fmadd_ps(qv[i], load8(k3 + 8 * i), a3);
+    }
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // [s0..s3 | s0..s3] halves
+    const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(sc + t, _mm_mul_ps(r, s4));
+  }
+  for (; t < n; ++t) {
+    const KV* k = kc + t * hd;
+    __m256 a = _mm256_mul_ps(qv[0], load8(k));
+    for (int i = 1; i < NQ; ++i) a = _mm256_fmadd_ps(qv[i], load8(k + 8 * i), a);
+    sc[t] = hsum(a) * scale;
+  }
+}
+
+// out = sum_t p[t] * v_t over t in [0, n).
+template <int NQ, typename KV>
+inline void pv_sum(const float* p, const KV* vc, int64_t n, float* out) {
+  constexpr int64_t hd = 8 * NQ;
+  __m256 o[NQ];
+  for (int i = 0; i < NQ; ++i) o[i] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const KV* v = vc + t * hd;
+    const __m256 pv = _mm256_set1_ps(p[t]);
+    for (int i = 0; i < NQ; ++i) o[i] = _mm256_fmadd_ps(pv, load8(v + 8 * i), o[i]);
+  }
+  for (int i = 0; i < NQ; ++i) _mm256_storeu_ps(out + 8 * i, o[i]);
+}
+#endif
+
+// Softmax attention of q (hd) over keys/values [0, n) -> out (hd); sc: n floats of scratch.
+template <typename KV>
+inline void attend(const float* q, const KV* kc, const KV* vc, int64_t n, int64_t hd, float* sc, float* out) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  bool done = false;
+#if MF_AVX2
+  auto vec = [&](auto nq) {
+    constexpr int NQ = decltype(nq)::value;
+    qk_scores<NQ>(q, kc, n, scale, sc);
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sc[t]);
+    double sum = 0;
+    for (int64_t t = 0; t < n; ++t) sc[t] -= mx;
+    exp_neg_inplace(sc, n);
+    for (int64_t t = 0; t < n; ++t) sum += sc[t];
+    pv_sum<NQ>(sc, vc, n, out);
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+    done = true;
+  };
+  switch (hd) {
+    case 8: vec(std::integral_constant<int, 1>{}); break;
+    case 16: vec(std::integral_constant<int, 2>{}); break;
+    case 32: vec(std::integral_constant<int, 4>{}); break;
+    case 64: vec(std::integral_constant<int, 8>{}); break;
+    case 128: vec(std::integral_constant<int, 16>{}); break;
+    default: break;
+  }
+#endif
+  if (done) return;
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    const KV* k = kc + t * hd;
+    float s = 0.f;
+    for (int64_t i = 0; i < hd; ++i) s += q[i] * to_f(k[i]);
+    sc[t] = s * scale;
+    mx = std::max(mx, sc[t]);
+  }
+  for (int64_t t = 0; t < n; ++t) sc[t] -= mx;
+  exp_neg_inplace(sc, n);
+  double sum = 0;
+  for (int64_t t = 0; t < n; ++t) sum += sc[t];
+  std::fill(out, out + hd, 0.f);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < hd; ++i) out[i] += sc[t] * to_f(vc[t * hd + i]);
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
 }
 
 // int8 rows against x quantised to int16 (one scale for the whole vector, 14 bits: error ~6e-5 of max|x|, far
