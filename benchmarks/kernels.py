@@ -12,7 +12,10 @@ Sections:
   latency  CPU inference, d=1024, no grad, 1..16 tokens (decode) and 2048 (prefill): nn.Linear (fp32) vs MemoryLayer
            with the embedding_bag baseline and the cpu backend with fp32 / bf16 / int8 tables.
            "hot" calls one layer again and again (its weights stay in cache); "cold" cycles through a pool of layers
-           holding > 1 GB, as in a model whose other layers evict each one's weights between uses.
+           holding > 1 GB, as in a model whose other layers evict each one's weights between uses. "GB/s" = bytes of
+           table rows (+ int8 row scales) one call reads / its time.
+           Then the compiled gather alone (`cpu_ext` decode kernel, 1 token) on MF-small's Q/K/V and Block-L2 table
+           shapes over a cold pool > LLC: software prefetch on/off, 1/2 threads, tables on huge pages or not.
 """
 
 from __future__ import annotations
@@ -128,8 +131,8 @@ def bench_latency(args) -> list[str]:
         "row-wise kernel); `embedding_bag` = chunk_hash + `F.embedding_bag`, the baseline lookup.",
         "",
         "| tokens | cache | nn.Linear fp32 | embedding_bag fp32 | cpu fp32 | cpu bf16 | cpu int8 "
-        "| Linear / cpu (fp32, bf16, int8) | embedding_bag / cpu (fp32, bf16, int8) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Linear / cpu (fp32, bf16, int8) | embedding_bag / cpu (fp32, bf16, int8) | cpu GB/s (fp32, bf16, int8) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
 
@@ -167,12 +170,78 @@ def bench_latency(args) -> list[str]:
                                      warmup=2 * max(map(len, pools.values())), reps=reps, budget_s=args.budget)
             vs_lin = ", ".join(f"{times['linear'] / times[k]:.1f}x" for k in ("fp32", "bf16", "int8"))
             vs_bag = ", ".join(f"{times['ebag'] / times[k]:.1f}x" for k in ("fp32", "bf16", "int8"))
+            row_bytes = {"fp32": 4 * d, "bf16": 2 * d, "int8": d + 4}  # per row hit (int8: + its fp32 scale)
+            gbs = ", ".join(f"{n * (d // TAU) * row_bytes[k] / times[k] / 1e9:.1f}" for k in ("fp32", "bf16", "int8"))
             line = (f"| {n} | {cache} | " + " | ".join(fmt_time(times[k]) for k in kinds)
-                    + f" | {vs_lin} | {vs_bag} |")
+                    + f" | {vs_lin} | {vs_bag} | {gbs} |")
             print(line, flush=True)
             lines.append(line)
         del pools
         gc.collect()
+    return lines + [""]
+
+
+def bench_gather(args) -> list[str]:
+    """The compiled 1-token gather over a cold pool of int8 / bf16 tables, variant by variant, interleaved."""
+    from memoryformer.inference import to_huge_pages
+    from memoryformer.ops import cpu_ext
+
+    ext = cpu_ext.get()
+    if ext is None:
+        return ["(compiled kernels unavailable: gather variants skipped)", ""]
+    lines = [
+        f"## Compiled gather, 1 token, cold pool of {args.cold_mb} MB per variant (> LLC)",
+        "",
+        "Each call hashes one random input and sums its K rows (fp32 accumulation, int8 rows dequantised in",
+        "registers, scale folded into the weight), cycling through the pool so every row comes from DRAM. GB/s =",
+        "bytes of the K rows (+ int8 scales) / time per call.",
+        "",
+        "| table (K x R x h) | dtype | prefetch | threads | huge pages | time / call | GB/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    threads_before = cpu_ext.threads()
+    for K, tau, h in args.gather_shapes:
+        R = 2**tau
+        for dtype in args.gather_dtypes:
+            elem = 1 if dtype == "int8" else 2
+            per = K * R * h * elem
+            n = max(2, math.ceil((args.cold_mb << 20) / per))
+            g = torch.Generator().manual_seed(0)
+            base = []
+            for _ in range(n):
+                if dtype == "int8":
+                    t = torch.randint(-127, 128, (K, R, h), dtype=torch.int8, generator=g)
+                else:
+                    t = (torch.randn(K, R, h, generator=g) * 0.02).to(getattr(torch, dtype))
+                base.append(t)
+            scale = torch.full((K, R), 0.02 / 73) if dtype == "int8" else None
+            pools = {False: base, True: [to_huge_pages(t) for t in base]}
+            x = torch.randn(1, K * tau)
+            variants = [(pf, th, hp) for pf in (0, 8) for th in (1, 2) for hp in (False, True)]
+            fns = {}
+            for pf, th, hp in variants:
+                state = {"i": 0}
+
+                def fn(pf=pf, th=th, pool=pools[hp], state=state):
+                    ext.set_prefetch(pf)
+                    ext.set_threads(th)
+                    t = pool[state["i"] % len(pool)]
+                    state["i"] += 1
+                    ext.decode(x, t, scale, None, tau, True, 1.0)
+                fns[(pf, th, hp)] = fn
+            times = time_interleaved(fns, torch.device("cpu"), warmup=2 * n, reps=args.latency_reps,
+                                     budget_s=args.budget)
+            row_bytes = K * h * elem + (K * 4 if dtype == "int8" else 0)
+            for (pf, th, hp), t in times.items():
+                line = (f"| {K} x {R} x {h} | {dtype} | {'on (8 rows)' if pf else 'off'} | {th} | "
+                        f"{'yes' if hp else 'no'} | {fmt_time(t)} | {row_bytes / t / 1e9:.1f} |")
+                print(line, flush=True)
+                lines.append(line)
+            del pools, base
+            gc.collect()
+    ext.set_prefetch(8)
+    ext.set_threads(threads_before)
     return lines + [""]
 
 
@@ -189,6 +258,9 @@ def main(argv=None):
     p.add_argument("--latency-dim", type=int, default=1024)
     p.add_argument("--cache", nargs="+", default=["hot", "cold"], choices=["hot", "cold"])
     p.add_argument("--cold-mb", type=int, default=1024)
+    p.add_argument("--gather-shapes", type=lambda v: tuple(int(a) for a in v.split("x")), nargs="*",
+                   default=[(96, 8, 2304), (96, 10, 768)], help="KxTAUxH tables of the gather variants ([] to skip)")
+    p.add_argument("--gather-dtypes", nargs="+", default=["int8", "bfloat16"])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--latency-reps", type=int, default=300)
     p.add_argument("--budget", type=float, default=20.0, help="seconds per measurement at most")
@@ -227,6 +299,8 @@ def main(argv=None):
         out += bench_layers(args, device, dtype)
     if "latency" in sections:
         out += bench_latency(args)
+        if args.gather_shapes and "cold" in args.cache:
+            out += bench_gather(args)
     out.append(f"- {load()} at end")
     print(out[-1])
     if args.save:

@@ -1,4 +1,5 @@
-"""The compiled CPU decode kernel: float64-reference agreement for every table dtype, and its wiring."""
+"""The compiled CPU kernels: the decode gather and the head GEMV against float64 references for every dtype, threads
+and prefetch settings, huge-page tensors, and the layer's wiring."""
 
 import shutil
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import memoryformer as mf
-from memoryformer.ops import chunk_hash, cpu_ext, dequantize_rows, lookup_reference
+from memoryformer.ops import chunk_hash, cpu_ext, dequantize_rows, lookup_reference, quantize_rows
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 
@@ -77,3 +78,54 @@ def test_disabled_by_environment(monkeypatch, caplog):
             assert layer(torch.randn(16)).shape == (8,)  # the ATen path still runs
     finally:
         cpu_ext.reset()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("tau", [8, 10])
+def test_threaded_prefetching_gather_matches_float64_reference(ext, dtype, tau):
+    # wide rows (h = 1000: several 64-column chunks per thread and a ragged tail) and K = 13 tables (not a multiple
+    # of the 4-row blocks), 1 and 2 threads, prefetch on and off: every variant sums the same rows
+    torch.manual_seed(tau)
+    layer = mf.MemoryLayer(13 * tau, 1000, tau=tau).eval()
+    if dtype != "float32":
+        layer.to_inference(dtype)
+    x = torch.randn(2, 13 * tau)
+    want = _reference(x, layer.tables, layer.table_scale, layer.bias.detach(), tau, "code", 1.0)
+    before = cpu_ext.threads()
+    try:
+        for threads, prefetch in ((1, 0), (1, 8), (2, 8), (2, 3)):
+            cpu_ext.threads(threads)
+            ext.set_prefetch(prefetch)
+            got = ext.decode(x, layer.tables, layer.table_scale, layer.bias.detach(), tau, True, 1.0)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    finally:
+        ext.set_prefetch(8)
+        cpu_ext.threads(before)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+def test_gemv_matches_float64_reference(ext, dtype):
+    torch.manual_seed(0)
+    V, d = 1037, 200  # not multiples of the 4-row blocks, 16-row chunks or 8/16-wide vectors
+    w = torch.randn(V, d) * 0.05
+    scale = None
+    if dtype == "int8":
+        w, scale = quantize_rows(w)
+    else:
+        w = w.to(getattr(torch, dtype))
+    x = torch.randn(3, d)
+    full = w.double() * (scale.double()[:, None] if scale is not None else 1)
+    want = x.double() @ full.T
+    for int16_x in (False, True):
+        got = ext.gemv(x, w, scale, int16_x)
+        assert got.shape == (3, V) and got.dtype == torch.float32
+        # int16 activations (int8 weights only) round x to 14 bits of its largest entry
+        tol = 2e-4 if int16_x and dtype == "int8" else 1e-5
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_huge_page_tensor_is_aligned_and_usable(ext):
+    t = ext.huge_empty([3, 1000, 700], torch.int8)
+    assert t.shape == (3, 1000, 700) and t.dtype == torch.int8 and t.data_ptr() % (1 << 21) == 0
+    t.fill_(3)
+    assert int(t.sum()) == 3 * 3 * 1000 * 700

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from memoryformer.config import MemoryFormerError, ModelConfig
+from memoryformer.config import INFERENCE_DTYPES, MemoryFormerError, ModelConfig
 from memoryformer.integrity import (
     check_finite,
     durable_replace,
@@ -90,11 +90,14 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     A model whose tables `to_inference` froze (int8 with per-row scales, bfloat16, ...) is saved as it is, and
     `load_model` rebuilds it the same way. A model with a NaN or inf in any tensor is refused.
     """
+    from memoryformer.inference import HEAD_KEY, quantized_parts
+
     path = ensure_dir(path, "out")
     bare = _unwrap(model)
-    tag = _inference_tables(bare)
+    tag, head = _inference_tables(bare), quantized_parts(bare)
+    extra = {**({INFERENCE_KEY: tag} if tag else {}), **({HEAD_KEY: head} if head else {})}
     with _write_errors(path):
-        _write_weights(bare.state_dict(), bare.config, path, {INFERENCE_KEY: tag} if tag else None)
+        _write_weights(bare.state_dict(), bare.config, path, extra)
         write_manifest(path, [WEIGHTS, CONFIG])
     return path
 
@@ -119,13 +122,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               *, verify: bool = True):
+               *, verify: bool = True, tables: str | None = None, head: str | None = None):
     """Load a model saved by `save_model` (or a training checkpoint directory, or a run folder's newest checkpoint)
     onto `device`.
 
     `verify` (default) checks the files against `manifest.json` and every tensor for NaN/inf; `config.json` is
     always cross-checked against the tensors' shapes.
+
+    `tables` ("int8", "bfloat16", "float16", "float32") loads for inference: the model is built tensor by tensor in
+    that precision (never the fp32 model in memory; `memoryformer.inference.load_for_inference`), with the LM head
+    and token embedding in `head` (default: int8 with int8 tables, bfloat16 with bfloat16, else float32). A folder
+    whose head is already quantised (`to_inference` + `save_model`) is always loaded that way. On the CPU,
+    `generate` then decodes through the compiled engine.
     """
+    from memoryformer.inference import HEAD_KEY, default_head, load_for_inference
     path = Path(path)
     if not path.is_dir():
         raise MemoryFormerError(f"{path}: not a checkpoint directory (expected {WEIGHTS} and {CONFIG} inside)")
@@ -135,6 +145,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     for name in (WEIGHTS, CONFIG):
         if not (path / name).is_file():
             raise MemoryFormerError(f"{path / name}: missing (a checkpoint holds {WEIGHTS} and {CONFIG})")
+    if tables is not None or head is not None or _read_metadata(path).get(HEAD_KEY):
+        if tables is not None and tables not in INFERENCE_DTYPES:
+            raise MemoryFormerError(f"tables: expected one of {INFERENCE_DTYPES}, got {tables!r}")
+        if verify:
+            verify_files(path, (WEIGHTS, CONFIG), required=lambda: _metadata(path).get(MANIFEST_KEY) == "1")
+        head = head if head is not None else (default_head(tables) if tables is not None else None)
+        try:
+            model = load_for_inference(path, tables=tables, head=head, device="cpu")
+        except ValueError as e:
+            raise MemoryFormerError(str(e)) from None
+        return model if device.type == "cpu" else model.to(device)
     state, meta = _read_weights(path, verify, str(device))
     cfg = ModelConfig.load(path / CONFIG)
     with torch.device("meta"):
@@ -168,6 +189,16 @@ def _read_weights(path: Path, verify: bool, device: str = "cpu", names=(WEIGHTS,
     return state, meta
 
 
+def _read_metadata(path: Path) -> dict:
+    """`_metadata`, with an unreadable file named as such."""
+    from safetensors import SafetensorError
+
+    try:
+        return _metadata(path)
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors file ({e})") from None
+
+
 def _metadata(path: Path) -> dict:
     from safetensors import safe_open
 
@@ -176,7 +207,6 @@ def _metadata(path: Path) -> dict:
 
 
 def _apply_inference_tag(model: torch.nn.Module, tag: str, file: Path) -> None:
-    from memoryformer.config import INFERENCE_DTYPES
     from memoryformer.layers import MemoryLayer
 
     tables, _, act = tag.partition("/")

@@ -236,8 +236,9 @@ def add_eval(p) -> None:
     p.add_argument("--seq-len", type=int, metavar="N", help="perplexity window (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--tables", choices=INFERENCE_DTYPES, help="evaluate with the memory tables frozen to this dtype "
-                   "(int8: one scale per row), as memoryformer.to_inference does; default: as stored")
+    p.add_argument("--tables", choices=INFERENCE_DTYPES, help="evaluate the model frozen for inference: memory tables "
+                   "in this dtype (int8: one scale per row), the LM head and embedding int8 / bfloat16 with int8 / "
+                   "bfloat16 tables, as memoryformer.load(..., tables=) loads it; default: as stored")
     p.add_argument("--harness", choices=("memoryformer", "lm-eval"), default="memoryformer",
                    help="score with our scorer (default) or through lm-evaluation-harness (extra [eval])")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -267,11 +268,7 @@ def run_eval(args) -> dict:
         torch.device(args.device)
     except RuntimeError:
         raise MemoryFormerError(f"device: {args.device!r} is not a torch device (cpu, cuda, cuda:0, ...)") from None
-    model = load_model(args.checkpoint, device=args.device, verify=args.verify)
-    if args.tables:
-        from memoryformer.layers import to_inference
-
-        to_inference(model, args.tables)
+    model = load_model(args.checkpoint, device=args.device, verify=args.verify, tables=args.tables)
     progress, out, t0 = not args.no_progress, {}, time.perf_counter()
     if tasks:
         kw = dict(data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, device=args.device,
@@ -436,6 +433,9 @@ def add_generate(p) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tables", choices=INFERENCE_DTYPES, help="load for inference with the memory tables in this "
+                   "dtype (int8 / bfloat16 also quantise the LM head and embedding): on the CPU the compiled decode "
+                   "engine then runs every step; default: as stored")
     add_verify(p)
 
 
@@ -451,7 +451,7 @@ def run_generate(args) -> str:
     ids = encode(args.prompt)
     if not ids:
         raise MemoryFormerError("prompt: empty (give at least one character of text to continue)")
-    model = load_model(args.checkpoint, device=args.device, verify=args.verify)
+    model = load_model(args.checkpoint, device=args.device, verify=args.verify, tables=args.tables)
     idx = torch.tensor([ids], device=args.device)
     try:
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -467,7 +467,8 @@ def add_export(p) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or new)")
     p.add_argument("--tables", choices=INFERENCE_DTYPES, help="freeze the memory tables to this dtype (int8: one "
-                   "fp32 scale per row); memoryformer.load reads it")
+                   "fp32 scale per row; int8 / bfloat16 also quantise the LM head and embedding), converted tensor "
+                   "by tensor; memoryformer.load reads it as it is")
     p.add_argument("--hf", action="store_true", help="save_pretrained folder + tokenizer for transformers (extra [hf])")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     add_verify(p)
@@ -475,12 +476,14 @@ def add_export(p) -> None:
 
 def run_export(args) -> None:
     from memoryformer.checkpoint import WEIGHTS, load_model, save_model
-    from memoryformer.layers import MemoryLayer, to_inference
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
         raise MemoryFormerError(f"{out}: exists and is not an empty folder (pass --force to write into a folder)")
-    model = load_model(args.checkpoint, verify=args.verify)
+    model = load_model(args.checkpoint, verify=args.verify, tables=None if args.hf else args.tables)
+    if model.config.arch != "memoryformer" and args.tables and not args.hf:
+        raise MemoryFormerError(f"tables: {args.checkpoint} is a {model.config.arch} model with no memory tables "
+                                "to convert; drop --tables")
     if args.hf:
         if args.tables:
             raise MemoryFormerError("tables: a Hugging Face export keeps trainable tables; drop --tables or --hf")
@@ -494,10 +497,6 @@ def run_export(args) -> None:
         return
     note = ""
     if args.tables:
-        if not any(isinstance(m, MemoryLayer) for m in model.modules()):
-            raise MemoryFormerError(f"tables: {args.checkpoint} is a {model.config.arch} model with no memory tables "
-                                    "to convert; drop --tables")
-        to_inference(model, args.tables)
         note = f", tables {args.tables}"
     save_model(model, out)
     print(f"{args.checkpoint} -> {out} ({(out / WEIGHTS).stat().st_size / 1e6:,.1f} MB{note})")

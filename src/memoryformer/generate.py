@@ -41,6 +41,22 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator).to(logits.device)
 
 
+def _engine(model, idx: torch.Tensor, kv_cache: bool, engine: bool | None):
+    """The decode engine to use, or None (eager)."""
+    if engine is False or not kv_cache:
+        return None
+    from memoryformer import inference
+
+    if engine is None and not (idx.device.type == "cpu" and inference.frozen(model)):
+        return None
+    found = inference.engine_for(model, idx.shape[0]) if idx.device.type == "cpu" else None
+    if found is None and engine:
+        why = "idx is not on the CPU" if idx.device.type != "cpu" else (
+            inference.DecodeEngine.why_not(model) or "the compiled CPU kernels are unavailable")
+        raise ValueError(f"engine: the decode engine cannot run this model ({why})")
+    return found
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -53,6 +69,7 @@ def generate(
     eos_token: int | None = None,
     generator: torch.Generator | None = None,
     kv_cache: bool = True,
+    engine: bool | None = None,
 ) -> torch.Tensor:
     """Extend idx (B, T) by up to `max_new_tokens` tokens; returns (B, T + n).
 
@@ -60,15 +77,23 @@ def generate(
     row has produced `eos_token`. With `kv_cache` (softmax-attention models) the prompt fills a preallocated
     `KVCache` and each new token runs through the model alone; once the sequence outgrows `max_seq_len` the window
     slides and every step re-reads the cropped window, exactly as without the cache.
+
+    `engine`: decode through the compiled CPU engine (`memoryformer.inference.DecodeEngine`: the whole step in one
+    C++ call over a static cache, the same numbers up to float rounding). None (default): when the model is frozen
+    for inference (`memoryformer.load(path, tables="int8")`, `to_inference`) and the engine can run it; True: always
+    (an error if it cannot); False: never (the eager model, the reference).
     """
     _check(max_new_tokens, temperature, top_k, top_p)
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx: expected a (B, T) tensor of token ids with T >= 1, got shape {tuple(idx.shape)}")
     max_len = model.config.max_seq_len
-    cache = KVCache.for_model(model, idx.shape[0]) if kv_cache and model.supports_kv_cache() else None
+    fast = _engine(model, idx, kv_cache, engine)
+    cache = KVCache.for_model(model, idx.shape[0]) if fast is None and kv_cache and model.supports_kv_cache() else None
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        if cache is not None and idx.shape[1] <= max_len:
+    for i in range(max_new_tokens):
+        if fast is not None and idx.shape[1] <= max_len:
+            logits = fast.prefill(idx) if i == 0 else fast.step(idx[:, -1])
+        elif cache is not None and idx.shape[1] <= max_len:
             hidden = model.hidden(idx[:, cache.length :], cache=cache)
             logits = model.head(hidden[:, -1]).float()  # (B, V)
         else:

@@ -86,9 +86,9 @@ class KVCache:
     @classmethod
     def for_model(cls, model: "LanguageModel", batch: int, capacity: int | None = None) -> "KVCache":
         cfg = model.config
-        w = model.embed.weight
+        w = model.norm.weight  # the hidden states' dtype (a quantised embedding still yields float32 rows)
         return cls(cfg.n_layer, batch, cfg.n_head, capacity or cfg.max_seq_len, cfg.head_dim, device=w.device,
-                   dtype=w.dtype if w.is_floating_point() else torch.float32)
+                   dtype=w.dtype)
 
     @property
     def batch(self) -> int:

@@ -1,10 +1,14 @@
-"""The compiled CPU decode kernel (`csrc/decode.cpp`): hash + gather for 1-2 tokens in one call.
+"""The compiled CPU inference kernels (`csrc/`): the Memory Layer for 1-2 tokens, the quantised LM head's GEMV and
+the whole-model decode engine (`memoryformer.inference.DecodeEngine`).
 
-At batch 1 a Memory Layer reads 1/tau of a dense layer's bytes, but the ATen path spends its time in ~15 small
-operations; this kernel does the whole layer in one. It is built with `torch.utils.cpp_extension` the first time
-a CPU Memory Layer runs inference on that few tokens (about 30 s, once per machine: the build is cached under
-`~/.cache/torch_extensions`, keyed by the source and the CPU's instruction set). Without a C++ compiler, or with
-`MEMORYFORMER_CPU_KERNEL=0`, the ATen path runs instead and one log line says why.
+At batch 1 a Memory Layer reads 1/tau of a dense layer's bytes, but as K scattered rows: the ATen path spends its
+time in ~15 small operations and the rows arrive one DRAM latency at a time. The kernel does the whole layer in one
+call, prefetches the rows it is about to read and splits the output columns over a small pool of persistent
+threads (`threads()`; no second OpenMP runtime beside torch's).
+
+It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute, once per machine: the
+build is cached under `~/.cache/torch_extensions`, keyed by the sources and the CPU's instruction set). Without a
+C++ compiler, or with `MEMORYFORMER_CPU_KERNEL=0`, the ATen path runs instead and one log line says why.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ import logging
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 
 log = logging.getLogger("memoryformer")
 
-SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "decode.cpp", CSRC / "engine.cpp")
+HEADERS = (CSRC / "kernels.h",)
+SOURCE = SOURCES[0]
 MAX_TOKENS = 2  # above this, fbgemm's embedding bag is as fast (benchmarks/results/kernels_summary.md)
 
 _state: dict = {}
@@ -35,8 +43,11 @@ def _cpu_flags() -> str:
 
 
 def build_name() -> str:
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:12]
-    return f"memoryformer_cpu_decode_{key}"
+    h = hashlib.sha256()
+    for f in SOURCES + HEADERS:
+        h.update(f.read_bytes())
+    h.update(_cpu_flags().encode())
+    return f"memoryformer_cpu_{h.hexdigest()[:12]}"
 
 
 def why_not() -> str | None:
@@ -55,18 +66,44 @@ def get():
     module = None
     if reason is None:
         try:
-            from torch.utils.cpp_extension import load
+            from torch.utils.cpp_extension import _get_build_directory, load
 
-            log.info("memoryformer: building the CPU decode kernel (once per machine, cached)")
+            _clear_stale_lock(Path(_get_build_directory(build_name(), verbose=False)) / "lock")
+            log.info("memoryformer: building the CPU inference kernels (once per machine, cached)")
             # -fopenmp-simd: vectorisation hints only, no second OpenMP runtime beside torch's
             flags = ["-O3", "-fopenmp-simd"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
-            module = load(build_name(), [str(SOURCE)], extra_cflags=flags, verbose=False)
+            module = load(build_name(), [str(s) for s in SOURCES], extra_cflags=flags, extra_include_paths=[str(CSRC)],
+                          verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: use the ATen path
             reason = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
     if module is None:
-        log.warning(f"memoryformer: CPU decode kernel unavailable ({reason}); using the ATen path")
+        log.warning(f"memoryformer: CPU inference kernels unavailable ({reason}); using the ATen path")
     _state["module"] = module
     return module
+
+
+STALE_LOCK_S = 900  # a build takes 1-3 minutes; a lock this old was left by a build that was killed
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """torch's extension builder waits for ever on the lock file of a build that was killed; drop it if stale."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning(f"memoryformer: removing the stale build lock {lock} ({age / 60:.0f} min old)")
+        lock.unlink(missing_ok=True)
+
+
+def threads(n: int | None = None) -> int:
+    """Threads the compiled kernels use (the caller plus persistent workers); set with `n`. Default: torch's."""
+    module = get()
+    if module is None:
+        return 1
+    if n is not None:
+        module.set_threads(int(n))
+    return module.get_threads()
 
 
 def reset() -> None:
