@@ -1,6 +1,6 @@
 """Training speed on CPU: MemoryFormer with each table option vs its dense control, same batches, interleaved.
 
-    /work/bg/quiet.sh python benchmarks/train_speed.py --config tiny --seq-len 512 --batch-size 4 --rounds 3
+    python benchmarks/train_speed.py --config tiny --seq-len 512 --batch-size 4 --rounds 3
 
 Every candidate runs in its own fresh process for each round (so one candidate's memory never sits beside
 another's and each gets a clean peak RSS), the candidates taking turns round after round (A B C A B C ...):

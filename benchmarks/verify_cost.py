@@ -1,5 +1,5 @@
 """What checkpoint verification costs per GB: SHA-256 of a file (from the page cache) and the NaN/inf check of a
-float32 tensor, medians of 3, with the load average (run it inside /work/bg/quiet.sh on a shared machine)."""
+float32 tensor, medians of 3, with the load average (run it on an otherwise idle machine)."""
 
 from __future__ import annotations
 
