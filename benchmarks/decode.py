@@ -112,6 +112,21 @@ def run_engine(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
+PHASES = ("embed", "hash", "gather_qkv", "attention", "norms_residuals", "gather_block_l1", "gather_block_l2", "head")
+
+
+def profile_engine(model, prompt: torch.Tensor, new: int) -> dict[str, float]:
+    """Milliseconds per decode step in each phase of the engine (an extra, untimed pass with its profiler on)."""
+    eng = inf.DecodeEngine(model, max_seq_len=prompt.shape[1] + new + 1)
+    logits = eng.prefill(prompt)
+    eng.profile(True)
+    for _ in range(new):
+        logits = eng.step(logits.argmax(-1))
+    t = eng.timings()
+    eng.profile(False)
+    return {k: 1e3 * t.get(k, 0.0) / new for k in PHASES}
+
+
 @torch.inference_mode()
 def run_eager(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
     """The same through the eager model's KV-cached path (what `memoryformer.generate` runs)."""
@@ -185,6 +200,7 @@ def section_decode(args, lines: list[str], record: dict) -> None:
     prefill: dict[str, list[float]] = {k: [] for k, *_ in systems}
     loads: list[float] = []
     hf_cache: dict[str, torch.nn.Module] = {}
+    phases: dict[str, list[dict[str, float]]] = {}
     for r in range(args.rounds):
         loads.append(one_min_load())
         order = systems[r % len(systems):] + systems[: r % len(systems)]  # a different system starts each round
@@ -200,6 +216,8 @@ def section_decode(args, lines: list[str], record: dict) -> None:
                 run = run_engine if kind == "engine" else run_eager
                 run(model, prompt[:, :4], 4)  # warm-up (build of the engine, first-touch of buffers)
                 pre, dec = run(model, prompt, args.new)
+                if kind == "engine":
+                    phases.setdefault(key, []).append(profile_engine(model, prompt, args.new))
             elif kind == "hf":
                 model = hf_cache.setdefault(key, hf_model(where, prec))
                 run_hf(model, prompt[:, :4], 4)
@@ -255,8 +273,19 @@ def section_decode(args, lines: list[str], record: dict) -> None:
                 if other in med and (size, prec, other) not in ratios:
                     ratios[(size, prec, other)] = ours / med[other]
                     lines.append(f"- mf-{size}-{prec}-engine / {other}: **{ours / med[other]:.2f}x**")
+    lines += ["", "Where an engine decode step goes (ms per token, median over rounds, from the engine's own profiler in "
+              "an extra pass; `rest` = norms, residuals, rotary and attention, the non-gather work):", "",
+              "| system | " + " | ".join(PHASES) + " | rest | total |", "|---|" + "---|" * (len(PHASES) + 2)]
+    phase_rows = {}
+    for key, runs in phases.items():
+        m = {k: statistics.median(r[k] for r in runs) for k in PHASES}
+        m["rest"] = m["attention"] + m["norms_residuals"]
+        m["total"] = sum(m[k] for k in PHASES)
+        phase_rows[key] = m
+        lines.append(f"| {key} | " + " | ".join(f"{m[k]:.3f}" for k in PHASES) + f" | {m['rest']:.3f} | "
+                     f"{m['total']:.3f} |")
     lines.append("")
-    record["decode"] = dict(rows=rows, loads=loads, stream_gbs=gbs,
+    record["decode"] = dict(rows=rows, loads=loads, stream_gbs=gbs, phases_ms=phase_rows,
                             ratios={f"mf-{s}-{p}-engine/{o}": v for (s, p, o), v in ratios.items()})
 
 

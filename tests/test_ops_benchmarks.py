@@ -73,3 +73,17 @@ def test_compare_quality_pairs_seeds_and_needs_agreement(tmp_path, capsys):
         paths[-1].write_text(__import__("json").dumps(s))
     text = cq.main([str(p) for p in paths])
     assert "| weighting=paper |" in text and "| better |" in text and "within the seed spread" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler")
+def test_decode_script(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    _load("decode").main(["--section", "decode", "--configs", "tiny", "--precisions", "int8", "--rounds", "1",
+                          "--new", "3", "--prompt", "4", "--no-eager", "--threads", "1",
+                          "--out", str(tmp_path / "d.md")])
+    out = capsys.readouterr().out
+    assert "| mf-tiny-int8-engine | int8 |" in out and "Where an engine decode step goes" in out
+    rec = __import__("json").loads((tmp_path / "d.json").read_text())
+    phases = rec["decode"]["phases_ms"]["mf-tiny-int8-engine"]
+    assert phases["total"] > 0 and phases["head"] > 0 and (tmp_path / "d.md").is_file()
