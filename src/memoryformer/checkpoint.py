@@ -145,18 +145,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     for name in (WEIGHTS, CONFIG):
         if not (path / name).is_file():
             raise MemoryFormerError(f"{path / name}: missing (a checkpoint holds {WEIGHTS} and {CONFIG})")
+    if tables is not None and tables not in INFERENCE_DTYPES:
+        raise MemoryFormerError(f"tables: expected one of {INFERENCE_DTYPES}, got {tables!r}")
+    if verify:  # before parsing anything: a truncated or damaged file is named as such
+        _verify(path, (WEIGHTS, CONFIG))
     if tables is not None or head is not None or _read_metadata(path).get(HEAD_KEY):
-        if tables is not None and tables not in INFERENCE_DTYPES:
-            raise MemoryFormerError(f"tables: expected one of {INFERENCE_DTYPES}, got {tables!r}")
-        if verify:
-            verify_files(path, (WEIGHTS, CONFIG), required=lambda: _metadata(path).get(MANIFEST_KEY) == "1")
         head = head if head is not None else (default_head(tables) if tables is not None else None)
         try:
             model = load_for_inference(path, tables=tables, head=head, device="cpu")
         except ValueError as e:
             raise MemoryFormerError(str(e)) from None
         return model if device.type == "cpu" else model.to(device)
-    state, meta = _read_weights(path, verify, str(device))
+    state, meta = _read_weights(path, verify, str(device), names=())  # the files were verified above
     cfg = ModelConfig.load(path / CONFIG)
     with torch.device("meta"):
         model = build_model(cfg)
@@ -178,7 +178,7 @@ def _read_weights(path: Path, verify: bool, device: str = "cpu", names=(WEIGHTS,
     from safetensors.torch import load_file
 
     try:
-        if verify:  # before parsing anything: a truncated or damaged file is named as such
+        if verify and names:  # before parsing anything: a truncated or damaged file is named as such
             verify_files(path, names, required=lambda: _metadata(path).get(MANIFEST_KEY) == "1")
         meta = _metadata(path)
         state = load_file(path / WEIGHTS, device=device)
@@ -187,6 +187,16 @@ def _read_weights(path: Path, verify: bool, device: str = "cpu", names=(WEIGHTS,
     if verify:
         check_finite(state, str(path / WEIGHTS))
     return state, meta
+
+
+def _verify(path: Path, names) -> None:
+    """The files `names` of checkpoint folder `path` against its manifest (one that its writer wrote must exist)."""
+    from safetensors import SafetensorError
+
+    try:
+        verify_files(path, names, required=lambda: _metadata(path).get(MANIFEST_KEY) == "1")
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors file ({e})") from None
 
 
 def _read_metadata(path: Path) -> dict:
