@@ -1,6 +1,6 @@
 """Table options against the faithful AdamW fp32 recipe: validation PPL over seeds, training speed, memory.
 
-    python benchmarks/table_options.py --runs /work/main/runs/quality1m --seeds 0 1 2
+    python benchmarks/table_options.py --runs runs/quality1m --seeds 0 1 2
 
 Reads the run folders the quality benchmark trained (`benchmarks/quality.py --config micro --tokens 1e6 --rounds 4
 --seeds S --out RUNS --train-set ...`): RUNS/seed<S>/micro-memoryformer (AdamW fp32, the reference) and
@@ -49,7 +49,7 @@ def final(run: Path) -> dict | None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="/work/main/runs/quality1m")
+    ap.add_argument("--runs", default="runs/quality1m", help="the quality.py run folders (OUT/seed<S>/...)")
     ap.add_argument("--config", default="micro")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch-size", type=int, default=16)
