@@ -527,7 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# PyTorch backs CPU allocations of 2 MB and more with transparent huge pages when this is set before its first
+# allocation: a training step's large temporaries (the logits and their gradient, ~0.4 GB each for 2048 tokens at
+# vocab 50 304) are then faulted in 2 MB at a time instead of 4 KB, 5x faster to allocate and fill on the 2-core
+# VMs this was measured on. The command line sets it unless the user did (torch is imported only after this).
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
 def main(argv: list[str] | None = None) -> None:
+    if "torch" not in sys.modules:
+        os.environ.setdefault(THP_ENV, "1")
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher passes on to its ranks
     try:
