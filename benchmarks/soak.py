@@ -93,7 +93,9 @@ def soak(args) -> dict:
     with Watcher(out, args.sample_every) as w:
         summary = train(cfg, t)
     seconds = time.perf_counter() - t0
-    ckpt_size = folder_bytes(out / "final")
+    done = sorted((p for p in out.iterdir() if p.is_dir() and p.name.startswith("ckpt-")),
+                  key=lambda p: int(p.name.split("-")[1]))
+    ckpt_size = folder_bytes(out / "final") if (out / "final").is_dir() else folder_bytes(done[-1]) if done else 0
     warm = [s for s in w.samples if s[0] >= args.steps // 10]
     base_rss = warm[0][1]
     growth = max(s[1] for s in warm) / base_rss - 1
@@ -104,7 +106,9 @@ def soak(args) -> dict:
     if not args.out:
         shutil.rmtree(out.parent, ignore_errors=True)
     return dict(
-        steps=summary["steps"], seconds=round(seconds, 1), sample_every=args.sample_every, checkpoints_written=args.steps // args.ckpt_every,
+        steps=summary["steps"], steps_asked=args.steps, keep=args.keep, complete=summary["steps"] >= args.steps,
+        seconds=round(seconds, 1), sample_every=args.sample_every,
+        checkpoints_written=summary["steps"] // args.ckpt_every, ckpt_every=args.ckpt_every,
         checkpoint_mb=round(ckpt_size / 1e6, 2), kept=kept,
         leftover_temporaries=left, warm_step=warm[0][0], rss_warm_mb=round(base_rss / 1e6, 1),
         rss_max_mb=round(max(s[1] for s in warm) / 1e6, 1), rss_final_mb=round(w.samples[-1][1] / 1e6, 1),
@@ -130,9 +134,9 @@ def report(res: dict, argv: list[str], load_start: str, load_end: str) -> str:
 The micro preset cut to 1 layer x 32 wide (vocab 50 304: the embedding and the head are most of its 3.5 M
 parameters), batch 2 x 32 tokens, on the bundled sample.
 
-- {res['steps']} steps in {res['seconds']} s; a checkpoint every {res['steps'] // res['checkpoints_written']} steps \
-({res['checkpoints_written']} written, {res['checkpoint_mb']} MB each with the optimizer state), the newest \
-{len(res['kept']) - 1} kept
+- {res['steps']} of {res['steps_asked']} steps in {res['seconds']} s{'' if res['complete'] else ' (**the run was stopped early: not a result**)'}; \
+a checkpoint every {res['ckpt_every']} steps ({res['checkpoints_written']} written, {res['checkpoint_mb']} MB each with \
+the optimizer state), the newest {res['keep']} kept
 - folders at the end: {', '.join(res['kept'])}; temporaries left behind: {', '.join(res['leftover_temporaries']) or 'none'}
 
 | | value | criterion | |
