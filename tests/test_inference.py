@@ -283,6 +283,14 @@ def test_generate_takes_the_engine_for_a_frozen_model_and_matches_eager(tmp_path
     a = generate(model, prompt, 20, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(3))
     b = generate(model, prompt, 20, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.shape == (1, 26)
+    # the cache of engines does not keep a model alive
+    import gc
+    import weakref
+
+    ref = weakref.ref(model)
+    del model, eng
+    gc.collect()
+    assert ref() is None
     # a trained (unfrozen) model keeps the eager reference unless asked
     plain = build()
     generate(plain, prompt, 3, temperature=0)

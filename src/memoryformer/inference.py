@@ -297,9 +297,17 @@ class DecodeEngine:
         flags = [cfg.weighting == "release", cfg.bit_order == "msb", cfg.block_activation == "gelu"]
         cos = rot.cos if cfg.rotary_dims else torch.zeros(0, 0)
         sin = rot.sin if cfg.rotary_dims else torch.zeros(0, 0)
-        self.model, self.config, self.batch_size, self.max_seq_len, self.kv_dtype = model, cfg, batch_size, S, kv
+        # a weak reference: `engine_for` keeps engines in a WeakKeyDictionary keyed by their model, which a strong one
+        # would keep alive for ever (the compiled engine holds the tensors it reads itself)
+        self._model = weakref.ref(model)
+        self.config, self.batch_size, self.max_seq_len, self.kv_dtype = cfg, batch_size, S, kv
         self._engine = ext.Engine(dims, reals, flags, kv, embed_w, embed_s, head_w, head_s,
                                   model.norm.weight.detach(), cos, sin, tensors)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model this engine reads (None once it has been freed)."""
+        return self._model()
 
     @staticmethod
     def why_not(model: nn.Module) -> str | None:
