@@ -87,3 +87,14 @@ def test_decode_script(tmp_path, capsys):
     rec = __import__("json").loads((tmp_path / "d.json").read_text())
     phases = rec["decode"]["phases_ms"]["mf-tiny-int8-engine"]
     assert phases["total"] > 0 and phases["head"] > 0 and (tmp_path / "d.md").is_file()
+
+
+@pytest.mark.slow
+def test_soak_script(tmp_path, capsys):
+    res = _load("soak").main(["--steps", "24", "--ckpt-every", "6", "--keep", "2", "--sample-every", "2",
+                              "--out", str(tmp_path)])
+    assert res["complete"] and res["steps"] == 24 and res["checkpoints_written"] == 4
+    assert res["disk_ok"] and res["leftover_temporaries"] == [] and res["rss_late_mb"] > 0
+    kept = [k for k in res["kept"] if k.startswith("ckpt-")]
+    assert len(kept) == 2 and "final" in res["kept"]
+    assert "24 of 24 steps" in capsys.readouterr().out
