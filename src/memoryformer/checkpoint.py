@@ -24,7 +24,15 @@ from pathlib import Path
 
 import torch
 
-from memoryformer.config import INFERENCE_DTYPES, MemoryFormerError, ModelConfig
+from memoryformer.config import (
+    CONFIG_FILE,
+    HEAD_KEY,
+    INFERENCE_DTYPES,
+    TABLES_KEY,
+    WEIGHTS_FILE,
+    MemoryFormerError,
+    ModelConfig,
+)
 from memoryformer.integrity import (
     check_finite,
     durable_replace,
@@ -36,8 +44,7 @@ from memoryformer.integrity import (
 )
 from memoryformer.model import build_model
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
+WEIGHTS, CONFIG = WEIGHTS_FILE, CONFIG_FILE
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 TRAINER = "trainer.json"
@@ -54,7 +61,7 @@ class CheckpointError(MemoryFormerError):
 # Model weights + config
 
 
-INFERENCE_KEY = "memoryformer.inference_tables"  # safetensors metadata: "<table dtype>/<activation dtype>"
+INFERENCE_KEY = TABLES_KEY  # safetensors metadata: "<table dtype>/<activation dtype>"
 MANIFEST_KEY = "memoryformer.manifest"  # safetensors metadata: "1" when the folder's writer wrote a manifest
 
 
@@ -90,7 +97,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     A model whose tables `to_inference` froze (int8 with per-row scales, bfloat16, ...) is saved as it is, and
     `load_model` rebuilds it the same way. A model with a NaN or inf in any tensor is refused.
     """
-    from memoryformer.inference import HEAD_KEY, quantized_parts
+    from memoryformer.inference import quantized_parts
 
     path = ensure_dir(path, "out")
     bare = _unwrap(model)
@@ -135,7 +142,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     whose head is already quantised (`to_inference` + `save_model`) is always loaded that way. On the CPU,
     `generate` then decodes through the compiled engine.
     """
-    from memoryformer.inference import HEAD_KEY, default_head, load_for_inference
+    from memoryformer.inference import default_head, load_for_inference
     path = Path(path)
     if not path.is_dir():
         raise MemoryFormerError(f"{path}: not a checkpoint directory (expected {WEIGHTS} and {CONFIG} inside)")
@@ -174,39 +181,38 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
 def _read_weights(path: Path, verify: bool, device: str = "cpu", names=(WEIGHTS, CONFIG)) -> tuple[dict, dict]:
     """(tensors, safetensors metadata) of path/model.safetensors; with `verify`, the files `names` checked against
     the manifest and the tensors checked for NaN/inf."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    try:
-        if verify and names:  # before parsing anything: a truncated or damaged file is named as such
-            verify_files(path, names, required=lambda: _metadata(path).get(MANIFEST_KEY) == "1")
+    if verify and names:  # before parsing anything: a truncated or damaged file is named as such
+        _verify(path, names)
+    with _unreadable(path):
         meta = _metadata(path)
         state = load_file(path / WEIGHTS, device=device)
-    except (SafetensorError, OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors file ({e})") from None
     if verify:
         check_finite(state, str(path / WEIGHTS))
     return state, meta
 
 
-def _verify(path: Path, names) -> None:
-    """The files `names` of checkpoint folder `path` against its manifest (one that its writer wrote must exist)."""
+@contextlib.contextmanager
+def _unreadable(path: Path):
+    """Reading path/model.safetensors fails with one line naming it."""
     from safetensors import SafetensorError
 
     try:
-        verify_files(path, names, required=lambda: _metadata(path).get(MANIFEST_KEY) == "1")
+        yield
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors file ({e})") from None
+
+
+def _verify(path: Path, names) -> None:
+    """The files `names` of checkpoint folder `path` against its manifest (one that its writer wrote must exist)."""
+    with _unreadable(path):
+        verify_files(path, names, required=lambda: _metadata(path).get(MANIFEST_KEY) == "1")
 
 
 def _read_metadata(path: Path) -> dict:
-    """`_metadata`, with an unreadable file named as such."""
-    from safetensors import SafetensorError
-
-    try:
+    with _unreadable(path):
         return _metadata(path)
-    except (SafetensorError, OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors file ({e})") from None
 
 
 def _metadata(path: Path) -> dict:
@@ -217,12 +223,10 @@ def _metadata(path: Path) -> dict:
 
 
 def _apply_inference_tag(model: torch.nn.Module, tag: str, file: Path) -> None:
+    from memoryformer.inference import parse_tables_tag
     from memoryformer.layers import MemoryLayer
 
-    tables, _, act = tag.partition("/")
-    act_dtype = getattr(torch, act, None)
-    if tables not in INFERENCE_DTYPES or not isinstance(act_dtype, torch.dtype):
-        raise MemoryFormerError(f"{file}: unknown {INFERENCE_KEY} {tag!r} (expected '<{'|'.join(INFERENCE_DTYPES)}>/<dtype>')")
+    tables, act_dtype = parse_tables_tag(tag, file)
     for m in model.modules():
         if isinstance(m, MemoryLayer):
             m.to_inference(tables)

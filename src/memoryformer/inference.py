@@ -36,17 +36,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memoryformer.config import MemoryFormerError, ModelConfig
+from memoryformer.config import CONFIG_FILE as CONFIG
+from memoryformer.config import HEAD_KEY, INFERENCE_DTYPES, TABLES_KEY, MemoryFormerError, ModelConfig  # noqa: F401 (HEAD_KEY: re-exported)
+from memoryformer.config import WEIGHTS_FILE as WEIGHTS
 from memoryformer.integrity import check_finite
 from memoryformer.ops import cpu_ext
 from memoryformer.ops.quant import dequantize_rows, quantize_rows, quantize_rows_into
 
 log = logging.getLogger("memoryformer")
 
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
-TABLES_KEY = "memoryformer.inference_tables"  # as memoryformer.checkpoint: "<table dtype>/<activation dtype>"
-HEAD_KEY = "memoryformer.inference_head"  # "<head dtype>/<embedding dtype>" when head and embedding are quantised
+PRECISIONS = {name: getattr(torch, name) for name in INFERENCE_DTYPES}
 SMALL_M = 8  # rows of x up to which the compiled GEMV runs the head (decode); above, ATen's matmul (prefill, eval)
 
 
@@ -62,11 +61,44 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def parse_tables_tag(tag: str, file) -> tuple[str, torch.dtype]:
+    """(table dtype name, activation dtype) of a TABLES_KEY tag such as "int8/float32", else one line naming file."""
+    tables, _, act = tag.partition("/")
+    act_dtype = getattr(torch, act, None)
+    if tables not in PRECISIONS or not isinstance(act_dtype, torch.dtype):
+        raise MemoryFormerError(f"{file}: unknown {TABLES_KEY} {tag!r} (expected '<{'|'.join(PRECISIONS)}>/<dtype>')")
+    return tables, act_dtype
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Quantised head and embedding
 
 
-class QuantizedLinear(nn.Module):
+class _QuantizedRows(nn.Module):
+    """A (rows, cols) weight stored int8 (one fp32 scale per row, absmax) or bfloat16, as buffers `weight` (+ `scale`)."""
+
+    def __init__(self, rows: int, cols: int, dtype, device, what: str):
+        super().__init__()
+        dt = _precision(dtype, "dtype")
+        if dt not in (torch.int8, torch.bfloat16):
+            raise ValueError(f"dtype: {what} stores int8 or bfloat16, got {_dtype_name(dt)!r}")
+        self.register_buffer("weight", torch.empty(rows, cols, dtype=dt, device=device))
+        self.register_buffer("scale", torch.empty(rows, device=device) if dt == torch.int8 else None)
+
+    @torch.no_grad()
+    def load_weight(self, w: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Set the weight from float (rows, cols) values, or from int8 rows plus their scales as they are."""
+        self.weight, self.scale = _rows_to(w, scale, self.weight.dtype)
+
+    @classmethod
+    @torch.no_grad()
+    def _from(cls, w: torch.Tensor, dtype, *shape) -> "_QuantizedRows":
+        q = cls(*shape, dtype, device="meta")
+        q.load_weight(w)
+        return q
+
+
+class QuantizedLinear(_QuantizedRows):
     """`nn.Linear` without bias, weight stored int8 (one fp32 scale per output row, absmax) or bfloat16.
 
     forward: x (..., in_features) -> (..., out_features) float32 logits of x @ (stored weight)^T, accumulated in
@@ -75,27 +107,14 @@ class QuantizedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, dtype: str | torch.dtype = "int8", device=None):
-        super().__init__()
+        super().__init__(out_features, in_features, dtype, device, "QuantizedLinear")
         self.in_features, self.out_features = in_features, out_features
-        dt = _precision(dtype, "dtype")
-        if dt not in (torch.int8, torch.bfloat16):
-            raise ValueError(f"dtype: QuantizedLinear stores int8 or bfloat16, got {_dtype_name(dt)!r}")
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dt, device=device))
-        self.register_buffer("scale", torch.empty(out_features, device=device) if dt == torch.int8 else None)
 
     @classmethod
-    @torch.no_grad()
     def from_float(cls, linear: nn.Linear, dtype: str | torch.dtype = "int8") -> QuantizedLinear:
         if linear.bias is not None:
             raise ValueError("linear: QuantizedLinear has no bias (the LM head has none)")
-        q = cls(linear.in_features, linear.out_features, dtype, device="meta")
-        q.load_weight(linear.weight)
-        return q
-
-    @torch.no_grad()
-    def load_weight(self, w: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        """Set the weight from a float (out, in) tensor, or from int8 rows plus their scales as they are."""
-        self.weight, self.scale = _rows_to(w, scale, self.weight.dtype)
+        return cls._from(linear.weight, dtype, linear.in_features, linear.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -119,28 +138,16 @@ def _blocked_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     return out
 
 
-class QuantizedEmbedding(nn.Module):
+class QuantizedEmbedding(_QuantizedRows):
     """`nn.Embedding` stored int8 (one fp32 scale per token row) or bfloat16; forward returns float32 rows."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: str | torch.dtype = "int8", device=None):
-        super().__init__()
+        super().__init__(num_embeddings, embedding_dim, dtype, device, "QuantizedEmbedding")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        dt = _precision(dtype, "dtype")
-        if dt not in (torch.int8, torch.bfloat16):
-            raise ValueError(f"dtype: QuantizedEmbedding stores int8 or bfloat16, got {_dtype_name(dt)!r}")
-        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=dt, device=device))
-        self.register_buffer("scale", torch.empty(num_embeddings, device=device) if dt == torch.int8 else None)
 
     @classmethod
-    @torch.no_grad()
     def from_float(cls, emb: nn.Embedding, dtype: str | torch.dtype = "int8") -> QuantizedEmbedding:
-        q = cls(emb.num_embeddings, emb.embedding_dim, dtype, device="meta")
-        q.load_weight(emb.weight)
-        return q
-
-    @torch.no_grad()
-    def load_weight(self, w: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        self.weight, self.scale = _rows_to(w, scale, self.weight.dtype)
+        return cls._from(emb.weight, dtype, emb.num_embeddings, emb.embedding_dim)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (...) ids -> (..., embedding_dim) float32
         rows = F.embedding(idx, self.weight).float()
@@ -631,13 +638,7 @@ def load_for_inference(path, tables: str | None = "int8", head: str | None = "in
     cfg = _read_config(path)
     src = _FileSource(path / WEIGHTS)
     tag = src.meta.get(TABLES_KEY)
-    act = torch.float32
-    if tag:
-        t_name, _, a_name = tag.partition("/")
-        act_dtype = getattr(torch, a_name, None)
-        if t_name not in PRECISIONS or not isinstance(act_dtype, torch.dtype):
-            raise MemoryFormerError(f"{path / WEIGHTS}: unknown {TABLES_KEY} {tag!r} (expected '<{'|'.join(PRECISIONS)}>/<dtype>')")
-        act = act_dtype
+    act = parse_tables_tag(tag, path / WEIGHTS)[1] if tag else torch.float32
     dts = [None if v is None else _precision(v, what) for v, what in ((tables, "tables"), (head, "head"),
                                                                        (embed if embed is not None else head, "embed"))]
     for dt, what in ((dts[1], "head"), (dts[2], "embed")):
