@@ -32,7 +32,7 @@ def main(argv=None) -> str:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     lines = [f"# Training memory on one {a.gpu_mem} GPU per table option (memoryformer.footprint)", "",
              f"- date: {date}; computed, not measured on a GPU (the CPU check against peak RSS is in "
-             "train_memory_*.md)",
+             "train_speed_*.md)",
              f"- command: `python benchmarks/footprint_report.py --gpu-mem {a.gpu_mem} --seq-len {a.seq_len} "
              f"--batch {a.batch}`",
              f"- micro-batch {a.batch} x {a.seq_len} tokens; fp32 activations (an upper bound under bf16 autocast); "

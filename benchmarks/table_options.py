@@ -3,12 +3,13 @@
     python benchmarks/table_options.py --runs runs/quality1m --seeds 0 1 2
 
 Reads the run folders the quality benchmark trained (`benchmarks/quality.py --config micro --tokens 1e6 --rounds 4
---seeds S --out RUNS --train-set ...`): RUNS/seed<S>/micro-memoryformer (AdamW fp32, the reference) and
-RUNS/seed<S>/micro-memoryformer-<train overrides> (the options). For each option: the final validation PPL per
+--seeds S --out RUNS [--mf-set ...] --train-set ...`): RUNS/seed<S>/micro-memoryformer[-<model overrides>] (AdamW
+fp32, the reference) and the same folder name + -<train overrides> (the options); `--mf-set` names the model
+overrides as the quality runs were given them. For each option: the final validation PPL per
 seed, its mean and sample standard deviation, the paired per-seed ratio to the reference (mean, range), the
 training tokens/s the runs logged (they shared a loaded machine: indicative only; benchmarks/train_speed.py times
 them interleaved), and the training memory of that geometry from memoryformer.footprint (CPU, the runs' micro-batch;
-measured peaks in train_memory_*.md). Writes benchmarks/results/table_options_<config>.{json,md}.
+measured peaks in train_speed_*.md). Writes benchmarks/results/table_options_<config>.{json,md}.
 """
 
 from __future__ import annotations
@@ -52,16 +53,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", default="runs/quality1m", help="the quality.py run folders (OUT/seed<S>/...)")
     ap.add_argument("--config", default="micro")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--mf-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="the model fields the runs were trained with (quality.py's --mf-set, part of their folder "
+                    "names), e.g. weighting=release")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--micro-batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--results", default=str(RESULTS))
     a = ap.parse_args(argv)
     runs = Path(a.runs)
+    for item in a.mf_set:
+        if "=" not in item:
+            ap.error(f"--mf-set: expected KEY=VALUE, got {item!r}")
+    model = f"{a.config}-memoryformer" + "".join(f"-{item}" for item in a.mf_set)
     table = {}
     for suffix, (label, optim, dtype, sparse) in OPTIONS.items():
-        per = {s: final(runs / f"seed{s}" / f"{a.config}-memoryformer{suffix}") for s in a.seeds}
-        ref = {s: final(runs / f"seed{s}" / f"{a.config}-memoryformer") for s in a.seeds}
+        per = {s: final(runs / f"seed{s}" / f"{model}{suffix}") for s in a.seeds}
+        ref = {s: final(runs / f"seed{s}" / model) for s in a.seeds}
         done = [s for s in a.seeds if per[s] and ref[s]]
         accum = a.batch_size // a.micro_batch_size
         fp = footprint(a.config, a.micro_batch_size, a.seq_len, table_optim=optim, table_dtype=dtype, accum=accum,
@@ -77,10 +85,11 @@ def main(argv=None) -> dict:
                        ratio_mean=statistics.fmean(ratio), ratio_min=min(ratio), ratio_max=max(ratio))
         table[suffix or "adamw"] = row
     out = {"benchmark": "table options vs AdamW fp32", "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "runs": str(runs), "config": a.config, "seeds": a.seeds, "options": table}
+           "runs": str(runs), "config": a.config, "mf_set": a.mf_set, "seeds": a.seeds, "options": table}
     stem = Path(a.results) / f"table_options_{a.config}"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    lines = [f"# Table options vs the AdamW fp32 recipe: MF-{a.config}, 1 M tokens, seeds {' '.join(map(str, a.seeds))}", "",
+    lines = [f"# Table options vs the AdamW fp32 recipe: MF-{a.config}{' ' + ' '.join(a.mf_set) if a.mf_set else ''}, "
+             f"1 M tokens, seeds {' '.join(map(str, a.seeds))}", "",
              f"- date: {out['date']}; runs: `{runs}` (benchmarks/quality.py, 245 steps x 16 x 256 tokens, cosine, "
              "peak LR 3e-3, same batches per seed)",
              "- val PPL: 131,072 fixed validation tokens at the end of the schedule; ratio: option / AdamW fp32 of "

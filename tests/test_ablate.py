@@ -28,7 +28,11 @@ def test_every_variant_is_a_valid_config(scale):
     assert [v.train["lr"] for v in s["lr"].variants] == [1e-3, 2e-3, 3e-3, 4e-3]
     att = [ablate.variant_config(scale, v) for v in s["attention"].variants]
     assert [c.attention for c in att] == ["softmax", "linformer", "cosformer", "performer", "softmax"]
-    assert att[0] == mf.get_config(DENSE_CONTROL[scale]) and att[-1] == mf.get_config(scale)
+    assert att[0] == mf.get_config(DENSE_CONTROL[scale]) and att[-1] == mf.get_config(scale, weighting="release")
+    # the suites' baseline keeps the release weighting of their committed tables; the weighting suite sets its own
+    assert {ablate.variant_config(scale, v).weighting for v in s["tau"].variants} == {"release"}
+    assert [ablate.variant_config(scale, v).weighting for v in s["weighting"].variants] == [
+        "release", "paper", "paper", "release"]
     # the efficient attentions cost fewer FLOPs per block than softmax at the paper's s = 2048, as in Table 2
     assert all(ablate.block_flops(c) < ablate.block_flops(att[0]) for c in att[1:4])
     with pytest.raises(mf.MemoryFormerError, match="dense preset"):

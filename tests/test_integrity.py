@@ -168,7 +168,7 @@ def test_truncated_file_and_missing_manifest(run):
 
 
 @pytest.mark.parametrize("old,new,why", [
-    ('"weighting": "release"', '"weighting": "paper"', "462 bytes, but manifest.json recorded 464"),
+    ('"weighting": "paper"', '"weighting": "release"', "464 bytes, but manifest.json recorded 462"),
     ('"rotary_pct": 0.25', '"rotary_pct": 0.50', "SHA-256 differs from manifest.json"),
     ('"temperature": 1.0', '"temperature": NaN', "SHA-256 differs from manifest.json"),
 ])

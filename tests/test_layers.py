@@ -37,9 +37,11 @@ def test_paper_figure2_example():
 
 
 def test_sign_of_zero_is_plus_one_and_msb_first():
-    codes, weights = chunk_hash(torch.zeros(1, 8), 4)
+    codes, weights = chunk_hash(torch.zeros(1, 8), 4, weighting="release")
     assert codes.tolist() == [[15, 15]]
     assert torch.equal(weights, torch.zeros(1, 2))  # ||0||_1 = 0 under "release" weighting
+    _, weights = chunk_hash(torch.zeros(1, 8), 4)  # the default, "paper": p(0) = 2**-tau
+    assert torch.equal(weights, torch.full((1, 2), 2.0**-4))
     codes, _ = chunk_hash(torch.tensor([[1.0, -1.0, -1.0, -1.0]]), 4)
     assert codes.tolist() == [[8]]  # the first element is the most significant bit
 

@@ -75,6 +75,34 @@ def test_compare_quality_pairs_seeds_and_needs_agreement(tmp_path, capsys):
     assert "| weighting=paper |" in text and "| better |" in text and "within the seed spread" in text
 
 
+def test_table_options_reads_finished_runs_by_their_folder_names(tmp_path, capsys):
+    import json
+    import math
+
+    def run(name, val_ppl, steps=245):
+        d = tmp_path / "seed0" / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"steps": steps, "total_steps": 245}))
+        recs = [{"step": 244, "tokens_per_s": 600.0},
+                {"step": steps, "tokens": steps * 4096, "tokens_per_s": 650.0, "val_loss": math.log(val_ppl)}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    run("micro-memoryformer-weighting=release", 350.0)
+    run("micro-memoryformer-weighting=release-table_optim=rowwise-table_dtype=bf16", 385.0)
+    run("micro-memoryformer-weighting=release-table_optim=rowwise", 360.0, steps=122)  # unfinished: left out
+    run("micro-memoryformer", 999.0)  # another weighting's reference: not read with --mf-set
+    out = _load("table_options").main(["--runs", str(tmp_path), "--seeds", "0", "--mf-set", "weighting=release",
+                                       "--results", str(tmp_path)])
+    opts = out["options"]
+    assert opts["adamw"]["val_ppl"] == {0: 350.0}
+    assert opts["-table_optim=rowwise-table_dtype=bf16"]["ratio_mean"] == pytest.approx(1.1)
+    assert opts["-table_optim=rowwise"]["seeds"] == []
+    assert "weighting=release" in (tmp_path / "table_options_micro.md").read_text().splitlines()[0]
+    with pytest.raises(SystemExit):
+        _load("table_options").main(["--runs", str(tmp_path), "--mf-set", "weighting"])
+    assert "--mf-set: expected KEY=VALUE" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler")
 def test_decode_script(tmp_path, capsys):

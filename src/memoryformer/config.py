@@ -159,7 +159,7 @@ class ModelConfig(_Serialisable):
     max_seq_len: int = 2048
     tau: int = 8  # bits per hash chunk; K = d_model // tau tables per Memory Layer
     expand_bits: int = 2  # Memory Block: layer 2 hashes tau + expand_bits bits (paper §2.4)
-    weighting: str = "release"  # "release": ||z||_1 * p(z) (authors' code); "paper": p(z) (Eq. 10)
+    weighting: str = "paper"  # "paper": p(z) (Eq. 10); "release": ||z||_1 * p(z) (authors' code)
     temperature: float = 1.0  # t in Eq. 10
     block_activation: str | None = None  # None (paper) or "gelu" between the two Memory Block layers (Table 6)
     rotary_pct: float = 0.25  # fraction of each head's dims that get rotary embeddings

@@ -40,8 +40,9 @@ class MemoryLayer(nn.Module):
         out_features: output width h.
         tau: bits per chunk (rows per table = 2**tau).
         bias: add a learned bias of shape (out_features,).
-        weighting: "release" (default): ||z||_1 * prod_j sigmoid(2|z_j|/t), as the authors' released code
-            ("code" is accepted as its former name); "paper": prod_j sigmoid(2|z_j|/t), Eq. 10.
+        weighting: "paper" (default): prod_j sigmoid(2|z_j|/t), Eq. 10 (lower validation PPL at equal tokens:
+            benchmarks/results/weighting_evidence.md); "release": ||z||_1 * prod_j sigmoid(2|z_j|/t), as the
+            authors' released code ("code" is accepted as its former name).
         temperature: t.
         bit_order: "msb" (default; Fig. 2 and the authors' code): chunk element j is bit tau-1-j of the row index;
             "lsb" (Eq. 4 as printed): element j is bit j. The two only permute each table's rows; pick the one a
@@ -64,7 +65,7 @@ class MemoryLayer(nn.Module):
         tau: int = 8,
         *,
         bias: bool = True,
-        weighting: str = "release",
+        weighting: str = "paper",
         temperature: float = 1.0,
         bit_order: str = "msb",
         hash_projection: bool = False,
@@ -219,7 +220,7 @@ class MemoryFFN(nn.Module):
         *,
         activation: str | None = None,
         bias: bool = True,
-        weighting: str = "release",
+        weighting: str = "paper",
         temperature: float = 1.0,
         bit_order: str = "msb",
         hash_projection: bool = False,

@@ -43,8 +43,15 @@ class Variant:
     dense: bool = False  # start from the scale's dense control instead of the MemoryFormer preset
 
 
+# The suites' baseline keeps the authors' release weighting, as in the committed ablation tables (the library's
+# default is the paper's p(z) since 0.3); the weighting suite sets its own.
+BASELINE = {"weighting": "release"}
+
+
 def variant_config(scale: str, v: Variant) -> ModelConfig:
-    return get_config(DENSE_CONTROL[scale] if v.dense else scale, **v.model)
+    if v.dense:
+        return get_config(DENSE_CONTROL[scale], **v.model)
+    return get_config(scale, **{**BASELINE, **v.model})
 
 
 @dataclass
@@ -63,7 +70,7 @@ def _tau10_width(cfg: ModelConfig) -> int:
 
 
 def suites(scale: str = "micro") -> dict[str, Suite]:
-    base = get_config(scale)
+    base = get_config(scale, **BASELINE)
     if base.arch != "memoryformer":
         raise MemoryFormerError(f"scale: {scale!r} is a dense preset; ablations need a MemoryFormer preset")
     return {
