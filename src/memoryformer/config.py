@@ -26,6 +26,7 @@ class ConfigError(MemoryFormerError, ValueError):
 # -- constants, each defined once ------------------------------------------------------------------------------------
 ARCHS = ("memoryformer", "transformer")
 WEIGHTINGS = ("release", "paper")  # ||z||_1 p(z) as in the authors' released code; p(z) of Eq. 10
+DEFAULT_WEIGHTING = "paper"  # since 0.3.0 (benchmarks/results/weighting_evidence.md); "release" before
 WEIGHTING_ALIASES = {"code": "release"}  # the name used before 0.2 (config.json files written then)
 BIT_ORDERS = ("msb", "lsb")
 BLOCK_ACTIVATIONS = (None, "gelu")
@@ -159,7 +160,7 @@ class ModelConfig(_Serialisable):
     max_seq_len: int = 2048
     tau: int = 8  # bits per hash chunk; K = d_model // tau tables per Memory Layer
     expand_bits: int = 2  # Memory Block: layer 2 hashes tau + expand_bits bits (paper §2.4)
-    weighting: str = "paper"  # "paper": p(z) (Eq. 10); "release": ||z||_1 * p(z) (authors' code)
+    weighting: str = DEFAULT_WEIGHTING  # "paper": p(z) (Eq. 10); "release": ||z||_1 * p(z) (authors' code)
     temperature: float = 1.0  # t in Eq. 10
     block_activation: str | None = None  # None (paper) or "gelu" between the two Memory Block layers (Table 6)
     rotary_pct: float = 0.25  # fraction of each head's dims that get rotary embeddings

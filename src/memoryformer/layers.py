@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from memoryformer.config import (
     BIT_ORDERS,
+    DEFAULT_WEIGHTING,
     INFERENCE_DTYPES,
     WEIGHTINGS,
     canonical_weighting,
@@ -65,7 +66,7 @@ class MemoryLayer(nn.Module):
         tau: int = 8,
         *,
         bias: bool = True,
-        weighting: str = "paper",
+        weighting: str = DEFAULT_WEIGHTING,
         temperature: float = 1.0,
         bit_order: str = "msb",
         hash_projection: bool = False,
@@ -220,7 +221,7 @@ class MemoryFFN(nn.Module):
         *,
         activation: str | None = None,
         bias: bool = True,
-        weighting: str = "paper",
+        weighting: str = DEFAULT_WEIGHTING,
         temperature: float = 1.0,
         bit_order: str = "msb",
         hash_projection: bool = False,

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from memoryformer.config import canonical_weighting
+from memoryformer.config import DEFAULT_WEIGHTING, canonical_weighting
 from memoryformer.ops.reference import chunk_hash, lookup_reference, row_scales
 
 log = logging.getLogger("memoryformer")
@@ -146,7 +146,7 @@ def _lookup(b: Backend, codes, weights, tables, bias, scale) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
-def memory_layer(x, tables, bias=None, *, tau: int, weighting: str = "paper", temperature: float = 1.0,
+def memory_layer(x, tables, bias=None, *, tau: int, weighting: str = DEFAULT_WEIGHTING, temperature: float = 1.0,
                  backend: str = "auto", scale=None) -> torch.Tensor:
     """`memory_lookup(*chunk_hash(x, tau, ...), tables, bias)`; a backend may fuse both steps (Triton: one kernel
     computes the hash inside the gather; CPU: fewer calls for inference, which decides batch-1 latency)."""

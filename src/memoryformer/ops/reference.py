@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memoryformer.config import WEIGHTINGS, canonical_weighting
+from memoryformer.config import DEFAULT_WEIGHTING, WEIGHTINGS, canonical_weighting
 
 _BYTE_GATHER = 0x8040201008040201 - (1 << 64)  # as int64: moves byte j of a word to bit 63 - j
 
@@ -56,7 +56,7 @@ def lsb_first(x: torch.Tensor, tau: int) -> torch.Tensor:
     return chunks(x, tau).flip(-1).flatten(-2)
 
 
-def chunk_weights(z: torch.Tensor, weighting: str = "paper", temperature: float = 1.0) -> torch.Tensor:
+def chunk_weights(z: torch.Tensor, weighting: str = DEFAULT_WEIGHTING, temperature: float = 1.0) -> torch.Tensor:
     """The differentiable weight of each chunk, (..., K, tau) -> (..., K).
 
     "paper": p(z) = 1 / prod_j (1 + exp(-2|z_j|/t)) (Eq. 10), the closed form of the softmax over all 2**tau buckets
@@ -72,7 +72,7 @@ def chunk_weights(z: torch.Tensor, weighting: str = "paper", temperature: float 
     return a.sum(-1) * p if weighting == "release" else p
 
 
-def chunk_hash(x: torch.Tensor, tau: int, *, weighting: str = "paper", temperature: float = 1.0):
+def chunk_hash(x: torch.Tensor, tau: int, *, weighting: str = DEFAULT_WEIGHTING, temperature: float = 1.0):
     """Codes and weights of the K = x.shape[-1] // tau chunks of x (already normalised by the caller).
 
     Returns codes (..., K) int64 in [0, 2**tau) (MSB first, see `pack_bits`) and weights (..., K) (float32 for half
