@@ -1,7 +1,10 @@
 """The compiled CPU kernels: the decode gather and the head GEMV against float64 references for every dtype, threads
 and prefetch settings, huge-page tensors, and the layer's wiring."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,3 +132,17 @@ def test_huge_page_tensor_is_aligned_and_usable(ext):
     assert t.shape == (3, 1000, 700) and t.dtype == torch.int8 and t.data_ptr() % (1 << 21) == 0
     t.fill_(3)
     assert int(t.sum()) == 3 * 3 * 1000 * 700
+
+
+def test_thread_pool_runs_every_chunk_once_for_its_own_job(ext):
+    # back-to-back jobs of n and 2n chunks: a worker finishing the smaller job once claimed a chunk of the next,
+    # larger one before it was published (the chunk ran with a freed job: a segfault, or a chunk counted twice:
+    # outputs still being written after the call returned). A child process, so that a crash is a failure here
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 cores for a worker thread")
+    code = ("from memoryformer.ops import cpu_ext; ext = cpu_ext.get(); cpu_ext.threads(2); "
+            "assert cpu_ext.threads() == 2; "
+            "print(sum(ext.pool_selftest(100000, n, spin) for n in (2, 3, 8) for spin in (0, 30)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"the pool self-test died (exit {r.returncode}): {r.stderr[-2000:]}"
+    assert r.stdout.strip() == "0", f"jobs with a chunk not run exactly once: {r.stdout.strip()}"

@@ -103,6 +103,29 @@ torch::Tensor huge_empty(std::vector<int64_t> sizes, at::ScalarType dtype) {
   return torch::from_blob(p, sizes, [](void* q) { std::free(q); }, torch::TensorOptions().dtype(dtype));
 }
 
+// The pool under stress: `jobs` back-to-back jobs, of n and 2n chunks in turn (a job larger than the one before is
+// where a worker still finishing that one could claim a chunk of it), each chunk adding its job's tag to its own
+// slot; returns how many jobs had a chunk that did not run exactly once, for its own job (0: sound).
+int64_t pool_selftest(int64_t jobs, int64_t n, int64_t spin) {
+  std::vector<int64_t> slot(static_cast<size_t>(std::max<int64_t>(2 * n, 1)), 0);
+  int64_t bad = 0;
+  for (int64_t j = 1; j <= jobs; ++j) {
+    const int64_t m = (j & 1) ? n : 2 * n;
+    std::fill(slot.begin(), slot.begin() + m, 0);
+    mfk::Pool::get().run(m, [&slot, j, spin](int64_t c) {
+      for (volatile int64_t i = 0; i < spin; i = i + 1) {
+      }  // a chunk long enough for the workers to claim some
+      slot[c] += j;
+    });
+    bool ok = true;
+    for (int64_t c = 0; c < m; ++c) ok &= slot[c] == j;
+    bad += !ok;
+    for (volatile int64_t i = 0; i < (j * 7) % 61; i = i + 1) {
+    }  // a varying gap before the next job, to sweep across a worker's last claim
+  }
+  return bad;
+}
+
 void set_threads(int64_t n) { mfk::Pool::get().resize(static_cast<int>(n)); }
 int64_t get_threads() { return mfk::Pool::get().size(); }
 void set_spin_us(int64_t us) { mfk::Pool::get().set_spin_us(us); }
@@ -117,5 +140,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_threads", &get_threads);
   m.def("set_spin_us", &set_spin_us, "how long idle pool workers spin before sleeping");
   m.def("set_prefetch", &set_prefetch, "rows a gather prefetches ahead (0: none)");
+  m.def("pool_selftest", &pool_selftest, "back-to-back jobs through the thread pool; chunks not run exactly once",
+        pybind11::arg("jobs"), pybind11::arg("n"), pybind11::arg("spin") = 0);
   register_engine(m);
 }

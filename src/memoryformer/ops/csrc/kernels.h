@@ -48,7 +48,12 @@ inline void cpu_relax() {
 
 // Runs a job of n chunks: the caller and the workers claim chunks from a shared counter until none is left, so a
 // worker that is asleep or descheduled (a loaded machine) only means the caller does more of the chunks itself.
-// The counter carries the job's epoch: a late worker cannot claim a chunk of a job that has moved on.
+// The counter carries the job's epoch: a late worker cannot claim a chunk of a job that has moved on. A job is
+// published in two steps: first an epoch with no chunks to claim (kClosed), then the job (job_, n_) and a second
+// epoch with chunk 0. job_ and n_ only change under a closed epoch, so a worker that read the previous job's
+// exhausted counter and then the next job's n_ can never win its claim (the counter moved on) - without the
+// closed epoch it could, between the caller's `n_ = n` and its publishing store, and run a chunk of a job that
+// was gone (a crash) or count a chunk twice (the caller returning while a worker still wrote its output).
 class Pool {
  public:
   static Pool& get() {
@@ -74,15 +79,17 @@ class Pool {
   // f(chunk) for chunk in [0, n), spread over the threads; returns when all are done.
   void run(int64_t n, const std::function<void(int64_t)>& f) {
     if (n <= 0) return;
-    if (size() == 1 || n == 1) {
+    if (size() == 1 || n == 1 || static_cast<uint64_t>(n) >= kClosed) {
       for (int64_t c = 0; c < n; ++c) f(c);
       return;
     }
     std::lock_guard<std::mutex> one_caller(run_m_);  // two Python threads may call kernels at once
+    const uint32_t closed = static_cast<uint32_t>(ticket_.load(std::memory_order_relaxed) >> 32) + 1;
+    ticket_.store(static_cast<uint64_t>(closed) << 32 | kClosed, std::memory_order_seq_cst);
     job_ = &f;
-    n_ = n;
+    n_.store(n, std::memory_order_release);  // after the closed epoch, for any worker that reads it
     done_.store(0, std::memory_order_relaxed);
-    const uint32_t e = static_cast<uint32_t>(ticket_.load(std::memory_order_relaxed) >> 32) + 1;
+    const uint32_t e = closed + 1;
     ticket_.store(static_cast<uint64_t>(e) << 32, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lk(m_);
@@ -103,7 +110,7 @@ class Pool {
   void work(uint32_t e) {
     for (;;) {
       uint64_t t = ticket_.load(std::memory_order_acquire);
-      if ((t >> 32) != e || static_cast<int64_t>(t & 0xffffffffu) >= n_) return;
+      if ((t >> 32) != e || static_cast<int64_t>(t & 0xffffffffu) >= n_.load(std::memory_order_acquire)) return;
       if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
         (*job_)(static_cast<int64_t>(t & 0xffffffffu));  // the job stays alive until this chunk is counted done
         done_.fetch_add(1, std::memory_order_release);
@@ -147,6 +154,7 @@ class Pool {
 
   std::vector<std::thread> workers_;
   std::atomic<int> size_{1}, sleepers_{0};
+  static constexpr uint64_t kClosed = 0xffffffffu;  // the chunk index of a closed epoch: above any n
   std::atomic<uint64_t> ticket_{0};  // epoch << 32 | next chunk
   std::atomic<int64_t> done_{0};
   std::atomic<bool> stop_{false};
