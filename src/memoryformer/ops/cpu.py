@@ -223,6 +223,7 @@ def accepts(tables: torch.Tensor) -> bool:
 # Inference: hash + lookup in one function (batch-1 decode is dominated by per-call overhead, not bytes).
 
 _CONSTS: dict[tuple, torch.Tensor] = {}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # the tables the compiled kernel reads
 
 
 def _const(key: tuple, make) -> torch.Tensor:
@@ -236,7 +237,8 @@ def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: flo
     """Inference-only `memory_lookup(*chunk_hash(x, tau, ...), tables, bias, scale=scale)` for CPU tensors."""
     lead = x.shape[:-1]
     K, R, h = tables.shape
-    if x.numel() <= cpu_ext.MAX_TOKENS * K * tau and x.device.type == "cpu":
+    if (x.numel() <= cpu_ext.MAX_TOKENS * K * tau and x.device.type == "cpu" and tables.dtype in _KERNEL_DTYPES
+            and x.dtype != torch.float64):  # float64 stays float64 on the ATen path: the kernel sums in float32
         ext = cpu_ext.get()
         if ext is not None:  # one compiled call instead of ~15 small ones: batch-1 decode
             y = ext.decode(x, tables, scale, bias, tau, weighting == "release", float(temperature))
