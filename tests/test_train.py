@@ -135,6 +135,25 @@ def test_resume_rejects_contradictions_and_missing_checkpoints(corpus, tmp_path)
         train(tiny_cfg(), tcfg(corpus, run, max_steps=2))
 
 
+def test_resume_compares_only_the_fields_the_model_uses(corpus, tmp_path):
+    # a dense control trained when the default weighting was "release" resumes under today's default: the weighting
+    # (as every memory field) means nothing to it; a MemoryFormer run is still held to its own weighting
+    dense = tmp_path / "dense"
+    train(tiny_cfg("transformer", weighting="release"), tcfg(corpus, dense, max_steps=2))
+    saved, _, _ = resume_config(dense, tiny_cfg("transformer", weighting="paper", tau=4))
+    assert saved.weighting == "release"
+    with pytest.raises(mf.MemoryFormerError, match=r"n_layer: 2 contradicts the checkpoint's 1"):
+        resume_config(dense, tiny_cfg("transformer", n_layer=2))
+    with pytest.raises(mf.MemoryFormerError, match=r"arch: 'memoryformer' contradicts the checkpoint's 'transformer'"):
+        resume_config(dense, tiny_cfg(weighting="release"))
+    run = tmp_path / "mf"
+    train(tiny_cfg(weighting="release"), tcfg(corpus, run, max_steps=2))
+    with pytest.raises(mf.MemoryFormerError, match=r"weighting: 'paper' contradicts the checkpoint's 'release'"):
+        resume_config(run, tiny_cfg(weighting="paper"))
+    saved, _, _ = resume_config(run, tiny_cfg(weighting="release", ffn_mult=2))  # the dense FFN width: ignored
+    assert saved.ffn_mult == tiny_cfg().ffn_mult
+
+
 def test_seq_len_beyond_the_model_and_vocab_too_small(corpus, tmp_path):
     with pytest.raises(mf.ConfigError, match="seq_len: 64 exceeds the model's max_seq_len=32"):
         train(tiny_cfg(), tcfg(corpus, tmp_path / "x", seq_len=64))

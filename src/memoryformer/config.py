@@ -40,6 +40,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TABLE_OPTIMS = ("adamw", "rowwise", "partial-rowwise-adam")  # memory-table optimizer rules (memoryformer.optim)
 TABLE_DTYPES = ("fp32", "bf16")  # memory-table storage while training
+# model fields one architecture ignores: a resumed run is compared on the others only (a dense control saved when
+# the default weighting was "release" resumes under any default)
+MEMORY_ONLY_FIELDS = ("tau", "expand_bits", "weighting", "temperature", "block_activation", "memory_bias", "bit_order",
+                      "hash_projection", "backend")
+DENSE_ONLY_FIELDS = ("ffn_mult", "attention", "linformer_k", "performer_features")
 
 
 def canonical_weighting(name: str) -> str:
@@ -204,6 +209,11 @@ class ModelConfig(_Serialisable):
                 f.fail("tau", f"expected a divisor of d_model={self.d_model} (d_model = tau * K)")
             if self.tau + self.expand_bits > 16:
                 f.fail("expand_bits", f"tau + expand_bits must be <= 16 (tau={self.tau})")
+
+    def fields_that_apply(self) -> dict:
+        """`to_dict()` without the fields this architecture ignores (MEMORY_ONLY_FIELDS / DENSE_ONLY_FIELDS)."""
+        ignored = DENSE_ONLY_FIELDS if self.arch == "memoryformer" else MEMORY_ONLY_FIELDS
+        return {k: v for k, v in self.to_dict().items() if k not in ignored}
 
     @property
     def head_dim(self) -> int:

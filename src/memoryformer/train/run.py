@@ -87,8 +87,8 @@ def resume_config(resume: str | os.PathLike, model_cfg: ModelConfig | None = Non
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ckpt_io.CheckpointError(f"{state_file}: unreadable training state ({e})") from None
     saved_cfg = ModelConfig.load(path / ckpt_io.CONFIG)
-    if model_cfg is not None:
-        for k, v in model_cfg.to_dict().items():
+    if model_cfg is not None:  # on the fields the model uses: a dense control ignores the memory fields
+        for k, v in model_cfg.fields_that_apply().items():
             if saved_cfg.to_dict()[k] != v:
                 raise ckpt_io.CheckpointError(
                     f"{k}: {v!r} contradicts the checkpoint's {saved_cfg.to_dict()[k]!r} ({path / ckpt_io.CONFIG})")
