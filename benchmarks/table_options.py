@@ -30,7 +30,10 @@ OPTIONS = {  # folder suffix -> (label, table_optim, table_dtype, sparse rows on
     "-table_dtype=bf16": ("adamw / bf16", "adamw", "bf16", False),
     "-table_optim=rowwise-table_dtype=bf16": ("rowwise / bf16", "rowwise", "bf16", True),
     "-table_optim=partial-rowwise-adam": ("partial-rowwise-adam / fp32", "partial-rowwise-adam", "fp32", True),
+    "-table_optim=partial-rowwise-adam-table_dtype=bf16": ("partial-rowwise-adam / bf16", "partial-rowwise-adam", "bf16",
+                                                           True),
 }
+BASE_GPU = dict(batch=4, seq_len=2048, gpu_mem="80GB")  # the target's geometry: MF-base on one 80 GB GPU
 
 
 def final(run: Path) -> dict | None:
@@ -78,6 +81,10 @@ def main(argv=None) -> dict:
                    val_ppl={s: round(per[s]["val_ppl"], 3) for s in a.seeds if per[s]},
                    tokens_per_s={s: per[s]["tokens_per_s"] for s in a.seeds if per[s]},
                    state_mb=round(fp["state"] / 2**20, 1), peak_mb=round(fp["peak"] / 2**20, 1))
+        base = footprint("base", BASE_GPU["batch"], BASE_GPU["seq_len"], table_optim=optim, table_dtype=dtype,
+                         device="cuda", gpu_mem=BASE_GPU["gpu_mem"])
+        row.update(base_state_gb=round(base["state"] / 1e9, 1), base_total_gb=round(base["total"] / 1e9, 1),
+                   base_fits=base["fits"])
         if done:
             ppl = [per[s]["val_ppl"] for s in done]
             ratio = [per[s]["val_ppl"] / ref[s]["val_ppl"] for s in done]
@@ -96,9 +103,11 @@ def main(argv=None) -> dict:
              "the same seed",
              "- tokens/s: median logged by the runs on a shared, loaded 2-core machine (indicative only); memory: "
              f"memoryformer.footprint for micro-batch {a.micro_batch_size} x {a.seq_len}, {a.batch_size // a.micro_batch_size} "
-             "micro-batches per step, CPU", "",
+             "micro-batches per step, CPU",
+             f"- MF-base on one GPU: memoryformer.footprint for base, batch {BASE_GPU['batch']} x {BASE_GPU['seq_len']}, "
+             f"CUDA (dense table gradients), training state and total against {BASE_GPU['gpu_mem']}", "",
              "| tables | seeds done | val PPL per seed | mean ± std | / AdamW fp32 (mean, range) | tokens/s | "
-             "training state | peak |", "|---|---|---|---|---|---|---|---|"]
+             "training state | peak | MF-base state | MF-base total (fits) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in table.values():
         per_seed = ", ".join(f"{row['val_ppl'][s]:.2f}" if s in row["val_ppl"] else "-" for s in a.seeds)
         if row["seeds"]:
@@ -108,11 +117,10 @@ def main(argv=None) -> dict:
         else:
             stats = rat = "-"
         tps = [v for v in row["tokens_per_s"].values() if v]
-        lines.append(f"| {row['label']} | {len(row['seeds'])} | {per_seed} | {stats} | {rat} | "
-                     f"{statistics.median(tps):,.0f} | {row['state_mb']:.0f} MB | {row['peak_mb']:.0f} MB |"
-                     if tps else
-                     f"| {row['label']} | {len(row['seeds'])} | {per_seed} | {stats} | {rat} | - | "
-                     f"{row['state_mb']:.0f} MB | {row['peak_mb']:.0f} MB |")
+        speed = f"{statistics.median(tps):,.0f}" if tps else "-"
+        lines.append(f"| {row['label']} | {len(row['seeds'])} | {per_seed} | {stats} | {rat} | {speed} | "
+                     f"{row['state_mb']:.0f} MB | {row['peak_mb']:.0f} MB | {row['base_state_gb']:.1f} GB | "
+                     f"{row['base_total_gb']:.1f} GB ({'yes' if row['base_fits'] else 'no'}) |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out

@@ -97,6 +97,11 @@ def test_table_options_reads_finished_runs_by_their_folder_names(tmp_path, capsy
     assert opts["adamw"]["val_ppl"] == {0: 350.0}
     assert opts["-table_optim=rowwise-table_dtype=bf16"]["ratio_mean"] == pytest.approx(1.1)
     assert opts["-table_optim=rowwise"]["seeds"] == []
+    # MF-base on one 80 GB GPU: the faithful recipe does not fit, the row-wise rule with bf16 tables does
+    assert opts["adamw"]["base_fits"] is False and opts["adamw"]["base_state_gb"] > 100
+    assert opts["-table_optim=rowwise-table_dtype=bf16"]["base_fits"] is True
+    assert opts["-table_optim=rowwise-table_dtype=bf16"]["base_state_gb"] < 60
+    assert "-table_optim=partial-rowwise-adam-table_dtype=bf16" in opts
     assert "weighting=release" in (tmp_path / "table_options_micro.md").read_text().splitlines()[0]
     with pytest.raises(SystemExit):
         _load("table_options").main(["--runs", str(tmp_path), "--mf-set", "weighting"])
