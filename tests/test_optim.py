@@ -415,7 +415,7 @@ def test_bf16_rowwise_training_learns_and_resumes_bit_identically(corpus, tmp_pa
 def test_cli_flags_reach_the_config():
     import argparse
 
-    from memoryformer.cli import add_train
+    from memoryformer.cli.train import add_train
 
     p = argparse.ArgumentParser()
     add_train(p)

@@ -265,7 +265,7 @@ def test_diverging_loss_stops_with_a_clear_error(corpus, tmp_path):
 def test_duration_and_number_flags():
     import argparse
 
-    from memoryformer.cli import duration, number
+    from memoryformer.cli.args import duration, number
 
     assert [duration(x) for x in ("600", "90s", "10m", "1.5h")] == [600, 90, 600, 5400]
     assert number(int)("5e6") == 5_000_000

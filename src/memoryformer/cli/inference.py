@@ -1,0 +1,90 @@
+"""`memoryformer generate` and `export`: flags and thin handlers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from memoryformer.cli.args import add_verify
+from memoryformer.config import (
+    INFERENCE_DTYPES,
+    ConfigError,
+    MemoryFormerError,
+)
+
+
+def add_generate(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run folder")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tables", choices=INFERENCE_DTYPES, help="load for inference with the memory tables in this "
+                   "dtype (int8 / bfloat16 also quantise the LM head and embedding): on the CPU the compiled decode "
+                   "engine then runs every step; default: as stored")
+    add_verify(p)
+
+
+def run_generate(args) -> str:
+    import torch
+
+    from memoryformer.checkpoint import load_model
+    from memoryformer.data import EOT_ID, decode, encode
+    from memoryformer.generate import generate
+
+    if args.seed < 0:
+        raise ConfigError(f"seed: expected an integer >= 0, got {args.seed}")
+    ids = encode(args.prompt)
+    if not ids:
+        raise MemoryFormerError("prompt: empty (give at least one character of text to continue)")
+    model = load_model(args.checkpoint, device=args.device, verify=args.verify, tables=args.tables)
+    idx = torch.tensor([ids], device=args.device)
+    try:
+        out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_token=EOT_ID, generator=torch.Generator().manual_seed(args.seed))
+    except ValueError as e:
+        raise MemoryFormerError(str(e)) from None
+    text = args.prompt + decode(out[0, idx.shape[1] :].tolist())
+    print(text)
+    return text
+
+
+def add_export(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or new)")
+    p.add_argument("--tables", choices=INFERENCE_DTYPES, help="freeze the memory tables to this dtype (int8: one "
+                   "fp32 scale per row; int8 / bfloat16 also quantise the LM head and embedding), converted tensor "
+                   "by tensor; memoryformer.load reads it as it is")
+    p.add_argument("--hf", action="store_true", help="save_pretrained folder + tokenizer for transformers (extra [hf])")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    add_verify(p)
+
+
+def run_export(args) -> None:
+    from memoryformer.checkpoint import WEIGHTS, load_model, save_model
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
+        raise MemoryFormerError(f"{out}: exists and is not an empty folder (pass --force to write into a folder)")
+    model = load_model(args.checkpoint, verify=args.verify, tables=None if args.hf else args.tables)
+    if model.config.arch != "memoryformer" and args.tables and not args.hf:
+        raise MemoryFormerError(f"tables: {args.checkpoint} is a {model.config.arch} model with no memory tables "
+                                "to convert; drop --tables")
+    if args.hf:
+        if args.tables:
+            raise MemoryFormerError("tables: a Hugging Face export keeps trainable tables; drop --tables or --hf")
+        try:
+            import memoryformer.hf as mhf
+        except ImportError as e:
+            raise MemoryFormerError(str(e)) from None
+        mhf.from_memoryformer(model).save_pretrained(out)
+        mhf.tokenizer().save_pretrained(out)
+        print(f"{args.checkpoint} -> {out} (transformers: AutoModelForCausalLM after `import memoryformer.hf`)")
+        return
+    note = ""
+    if args.tables:
+        note = f", tables {args.tables}"
+    save_model(model, out)
+    print(f"{args.checkpoint} -> {out} ({(out / WEIGHTS).stat().st_size / 1e6:,.1f} MB{note})")
