@@ -6,6 +6,11 @@
 - `durable_replace` makes a renamed file or folder survive a power cut: the data is fsynced before the rename and
   the folder holding it after, as POSIX requires for the rename itself to be durable.
 - Written files get mode 0666 & ~umask (0644 under the usual umask), whatever the writing library chose.
+- Nothing is written through a symbolic link: `replace_file` refuses a link where its file would go,
+  `open_nofollow` opens with O_NOFOLLOW, so a run folder unpacked from elsewhere cannot point a write at any other
+  file; `check_apart` refuses an output that is, holds or lies inside one of the command's inputs.
+- `read_jsonl`: an append-only log whose last line was torn by a crash or a full disk reads up to that line (the
+  torn line is dropped with a warning, and the file repaired atomically on request).
 - `RunLock`: an advisory `fcntl.flock` on `FOLDER/.lock`, so a second writer of a run folder fails with one line.
 - `remove_stale_temps`: the temporary files and folders an interrupted writer left (`.ckpt-12.tmp-<pid>`, ...),
   removed once the lock says no other writer can be filling them.
@@ -13,6 +18,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -88,16 +94,86 @@ def durable_replace(tmp: Path, dest: Path) -> None:
     fsync_path(dest.parent)
 
 
+def refuse_link(path: str | os.PathLike, what: str = "out") -> None:
+    """One line if `path` is a symbolic link: a file we write is never reached through one."""
+    if os.path.islink(path):
+        raise MemoryFormerError(f"{what}: {path} is a symbolic link (to {os.readlink(path)}); memoryformer does not "
+                                "write through links: remove it or choose another path")
+
+
+def open_nofollow(path: str | os.PathLike, flags: int, what: str = "out") -> int:
+    """os.open(path, flags) that refuses a symbolic link in the last component instead of following it."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), file_mode())
+    except OSError as e:
+        if e.errno == errno.ELOOP or (e.errno == errno.EMLINK and os.path.islink(path)):
+            refuse_link(path, what)
+        raise
+
+
+def append_line(path: str | os.PathLike, line: str, what: str = "out") -> None:
+    """Append one line to a log file (created if absent), never through a symbolic link."""
+    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(line if line.endswith("\n") else line + "\n")
+
+
 def replace_file(dest: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename the result onto `dest`, so readers never see a partial file."""
+    """Call `write(tmp_path)`, then rename the result onto `dest`, so readers never see a partial file. A symbolic
+    link at `dest` is refused; one at the temporary name (left there by someone else) is removed, not followed."""
+    dest = Path(dest)
+    refuse_link(dest, dest.name)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    if os.path.lexists(tmp):
+        tmp.unlink()
     try:
         write(tmp)
         finish_file(tmp)
         durable_replace(tmp, dest)
     finally:
-        if tmp.exists():
+        if os.path.lexists(tmp):
             tmp.unlink()
+
+
+def check_apart(out: str | os.PathLike, inputs: dict, what: str = "out") -> None:
+    """Refuse an output path that is, contains or lies inside one of `inputs` ({flag: path}), links and `..`
+    resolved: no command writes over what it reads, --force or not."""
+    o = Path(out).resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        i = Path(path).resolve()
+        if o == i or i.is_relative_to(o) or o.is_relative_to(i):
+            rel = "is" if o == i else ("contains" if i.is_relative_to(o) else "lies inside")
+            raise MemoryFormerError(f"{what}: {out} {rel} the input {flag} {path}; write the output somewhere else")
+
+
+def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """The records of a JSON-lines log. A torn last line (a crash or a full disk during an append) is dropped with
+    a warning, and with `repair` the file is rewritten without it, atomically; a bad line elsewhere is one error
+    naming the file and the line."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records, kept = [], []
+    for n, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if any(x.strip() for x in lines[n:]):
+                raise MemoryFormerError(f"{path}:{n}: not a JSON object ({ln[:60]!r}); the log is damaged") from None
+            log.warning("memoryformer: %s: dropped a torn last line (%d bytes) left by an interrupted write", path,
+                        len(ln))
+            if repair:
+                text = "".join(k + "\n" for k in kept)
+                replace_file(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+            break
+        records.append(rec)
+        kept.append(ln)
+    return records
 
 
 def ensure_dir(path: str | os.PathLike, what: str = "out") -> Path:
@@ -261,7 +337,7 @@ class RunLock:
         ensure_dir(self.folder, self.what)
         if fcntl is None:
             return self
-        fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, file_mode())
+        fd = open_nofollow(self.folder / LOCK, os.O_RDWR | os.O_CREAT, LOCK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,11 +27,11 @@ import torch
 from memoryformer import checkpoint as ckpt_io
 from memoryformer.config import ConfigError, MemoryFormerError, ModelConfig, TrainConfig
 from memoryformer.evaluate.perplexity import window_nll
-from memoryformer.integrity import RunLock, remove_stale_temps
+from memoryformer.integrity import RunLock, append_line, read_jsonl, refuse_link, remove_stale_temps, replace_file
 from memoryformer.train import distributed as dist_mod
 from memoryformer.train.distributed import all_reduce, barrier
 from memoryformer.train.recipe import lr_at
-from memoryformer.train.run import RESUME_FIXED, Run, autocast, batch, resume_config, setup, summary_writer
+from memoryformer.train.run import RESUME_FIXED, LogWindow, Run, autocast, batch, resume_config, setup, summary_writer
 
 
 def train(model_cfg: ModelConfig | None, tcfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> dict:
@@ -87,17 +87,17 @@ def open_outputs(run: Run, resume_path: Path | None) -> None:
     out, metrics = run.out, run.out / "metrics.jsonl"
     if run.rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        refuse_link(metrics, "metrics.jsonl")
         if resume_path is None and metrics.exists():
             if ckpt_io.list_checkpoints(out):
                 raise ckpt_io.CheckpointError(
                     f"{out}: already holds a training run; use --resume {out} to continue it or pick a new --out")
             metrics.unlink()
         if resume_path is not None and metrics.exists():
-            keep = [ln for ln in metrics.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= run.step]
-            ckpt_io.write_text(metrics, "".join(k + "\n" for k in keep))
+            keep = [rec for rec in read_jsonl(metrics) if rec.get("step", 0) <= run.step]
+            ckpt_io.write_text(metrics, "".join(json.dumps(rec) + "\n" for rec in keep))
         ckpt_io.write_text(out / "train_config.json", json.dumps(run.tcfg.to_dict(), indent=1) + "\n")
-        run.cfg.save(out / "config.json")
+        replace_file(out / "config.json", run.cfg.save)
         if run.tcfg.tensorboard:
             run.tb = summary_writer()(str(out / "tensorboard"))
     if run.rt.is_main and run.tcfg.verbose:
@@ -184,7 +184,8 @@ def save(run: Run, dest: Path) -> Path:
             trainer_state=dict(step=run.step, tokens=run.tokens, total_steps=run.total, elapsed_s=run.elapsed,
                                train_time_s=run.train_time, sampler=run.sampler.state_dict(),
                                world_size=run.rt.world, train_config=run.tcfg.to_dict(), last=run.last,
-                               data=run.data, skipped_steps=run.skipped, skip_streak=run.skip_streak),
+                               data=run.data, skipped_steps=run.skipped, skip_streak=run.skip_streak,
+                               window=asdict(run.window)),
         )
         if run.tcfg.keep_checkpoints and dest.name != "final":
             ckpt_io.prune_checkpoints(run.out, run.tcfg.keep_checkpoints)
@@ -195,8 +196,7 @@ def save(run: Run, dest: Path) -> Path:
 def log(run: Run, rec: dict) -> None:
     if not run.rt.is_main:
         return
-    with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
+    append_line(run.out / "metrics.jsonl", json.dumps(rec), "metrics.jsonl")
     if run.tb is not None:
         for k, v in rec.items():
             if k != "step" and isinstance(v, (int, float)):
@@ -236,16 +236,6 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-@dataclass
-class _Window:
-    """Training numbers accumulated between two metrics lines."""
-
-    tokens: int = 0
-    seconds: float = 0.0
-    loss: float = 0.0
-    steps: int = 0
-
-
 def loop(run: Run) -> str:
     """Train until the schedule ends or something stops it; returns why it stopped ("done", "time_budget",
     "stop_after", "interrupt")."""
@@ -262,7 +252,7 @@ def loop(run: Run) -> str:
 
 def _steps(run: Run, stop: StopFlag, first: int, start: float, bar) -> str:
     t, rt = run.tcfg, run.rt
-    win = _Window()
+    win = run.window  # carried across checkpoints: a resumed run logs the same lines as an uninterrupted one
     while run.step < run.total:
         t0 = time.perf_counter()
         loss, gnorm, lr, stepped = train_step(run)
@@ -282,10 +272,11 @@ def _steps(run: Run, stop: StopFlag, first: int, start: float, bar) -> str:
         paused = t.stop_after is not None and first < t.stop_after <= run.step < run.total
         stopping = flag > 0 or run.step == run.total or paused
         due = bool(t.eval_every and run.step % t.eval_every == 0)
-        if stopping or due or (win.steps and (run.step % t.log_every == 0 or run.step == 1)):
-            evaluate_now = flag < 2 and (stopping or due)
-            _log_window(run, win, lr, gnorm, evaluate_now, bar, run.elapsed + time.perf_counter() - t0)
-            win = _Window()
+        # An interrupt logs nothing: its window goes into the checkpoint and the resumed run logs it where an
+        # uninterrupted one would have.
+        if flag < 2 and (stopping or due or (win.steps and (run.step % t.log_every == 0 or run.step == 1))):
+            _log_window(run, win, lr, gnorm, stopping or due, bar, run.elapsed + time.perf_counter() - t0)
+            win.reset()
         if bar is not None:
             bar.update(1)
             if "loss" in run.last:
@@ -333,7 +324,7 @@ def _progress_bar(run: Run):
     return tqdm(total=run.total, initial=run.step, unit="step", dynamic_ncols=True, desc=run.cfg.arch)
 
 
-def _log_window(run: Run, win: _Window, lr: float, gnorm: float, evaluate_now: bool, bar, elapsed: float) -> None:
+def _log_window(run: Run, win: LogWindow, lr: float, gnorm: float, evaluate_now: bool, bar, elapsed: float) -> None:
     rec = dict(step=run.step)
     if win.steps:  # else every step since the last line was skipped: only the evaluation to report
         lt = all_reduce(torch.tensor([win.loss / win.steps], device=run.rt.device), run.rt).item() / run.rt.world

@@ -34,6 +34,19 @@ MICRO_BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
 
 
 @dataclass
+class LogWindow:
+    """Training numbers accumulated since the last metrics line (part of a checkpoint's trainer state)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    loss: float = 0.0
+    steps: int = 0
+
+    def reset(self) -> None:
+        self.tokens, self.seconds, self.loss, self.steps = 0, 0.0, 0.0, 0
+
+
+@dataclass
 class Run:
     """Everything one invocation of `train` works with; the counters are what a checkpoint restores."""
 
@@ -61,6 +74,7 @@ class Run:
     skipped: int = 0  # steps skipped for a non-finite loss or gradient norm, in all
     skip_streak: int = 0  # ... and in a row up to now
     last: dict = field(default_factory=dict)  # the latest metrics record
+    window: LogWindow = field(default_factory=LogWindow)  # what the next metrics line averages
     val_loss: float | None = None  # of this invocation's latest evaluation
     tb: object = None
 
@@ -205,6 +219,7 @@ def restore(run: Run, state: dict) -> None:
                                      "resume with the same text, or start a new run")
     run.skipped, run.skip_streak = ts.get("skipped_steps", 0), ts.get("skip_streak", 0)
     run.last = ts.get("last") or {}
+    run.window = LogWindow(**ts.get("window", {}))
     torch.set_rng_state(state["rng_state"]["torch_cpu"])
     if run.rt.device.type == "cuda" and "torch_cuda" in state["rng_state"]:
         torch.cuda.set_rng_state(state["rng_state"]["torch_cuda"], run.rt.device)
