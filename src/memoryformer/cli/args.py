@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from memoryformer.config import (
     ConfigError,
@@ -42,6 +43,18 @@ def positive(**flags) -> None:
     for name, value in flags.items():
         if value is not None and value < 1:
             raise ConfigError(f"{name.replace('_', '-')}: expected a positive integer, got {value}")
+
+
+def image_file(path: str | None, flag: str) -> None:
+    """A figure's output path: a file name with an image suffix, not a folder (`--plot out/` must not write
+    `out/.png`), else one line naming the flag."""
+    if path is None:
+        return
+    suffixes = (".png", ".pdf", ".svg", ".jpg")
+    if path.endswith(("/", "\\")) or Path(path).is_dir():
+        raise ConfigError(f"{flag}: expected a file name such as figure1.png, got the folder {path!r}")
+    if Path(path).suffix.lower() not in suffixes:
+        raise ConfigError(f"{flag}: expected a file name ending in {', '.join(suffixes)}, got {path!r}")
 
 
 def key_values(items: list[str], flag: str = "--set") -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from memoryformer.cli.args import add_verify, number, positive
+from memoryformer.cli.args import add_verify, image_file, number, positive
 from memoryformer.config import (
     INFERENCE_DTYPES,
     TABLE_DTYPES,
@@ -134,6 +134,9 @@ def run_analyze(args) -> list[dict]:
 # -- flops, generate, export ---------------------------------------------------------------------------------------
 
 
+MAX_FLOPS_SEQ_LEN = 1 << 24  # 16 M tokens: beyond any context a model here runs; larger is a typo, not a question
+
+
 def add_flops(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (table1, figure1, bytes)")
     p.add_argument("--plot", metavar="PATH", help="write Figure 1 as a PNG")
@@ -144,6 +147,9 @@ def run_flops(args) -> None:
     from memoryformer import flops
 
     positive(seq_len=args.seq_len)
+    if args.seq_len > MAX_FLOPS_SEQ_LEN:
+        raise ConfigError(f"seq-len: expected at most {MAX_FLOPS_SEQ_LEN:,} tokens, got {args.seq_len:,}")
+    image_file(args.plot, "--plot")
     print(json.dumps(flops.as_dict(args.seq_len)) if args.json else flops.report(args.seq_len))
     if args.plot:
         flops.plot_figure1(args.plot)
