@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "memoryformer"
 # top to bottom, as in docs/ARCHITECTURE.md; a module may import from its own layer or any layer above
 LAYERS = [
     {"config"},
-    {"integrity"},
+    {"integrity", "resources"},
     {"ops"},
     {"layers", "attention"},
     {"model"},

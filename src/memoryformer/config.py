@@ -330,6 +330,7 @@ class TrainConfig(_Serialisable):
     val_fraction: float = 0.01  # held-out tail when the data has no validation files
     max_skipped_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient norm
     verify: bool = True  # check checkpoints and the token cache against their SHA-256 when resuming
+    force_memory: bool = False  # start even when the estimated training memory exceeds what is available
 
     def __post_init__(self):
         f = Fields(self)
@@ -350,7 +351,8 @@ class TrainConfig(_Serialisable):
             f.number(name, lo, hi)
         f.number("time_budget", 0.0, optional=True, open_lo=True)
         f.number("val_fraction", 0.0, 0.5, open_lo=True)
-        for name in ("exclude_tables_from_wd", "deterministic", "fsdp", "tensorboard", "progress", "verbose", "verify"):
+        for name in ("exclude_tables_from_wd", "deterministic", "fsdp", "tensorboard", "progress", "verbose", "verify",
+                     "force_memory"):
             f.flag(name)
         f.one_of("device", DEVICES)
         f.one_of("precision", PRECISIONS)

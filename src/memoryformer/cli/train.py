@@ -68,6 +68,8 @@ TRAIN_HELP = {
     "(default 5)",
     "verify": "check the checkpoint resumed from and the token cache against their SHA-256 (default; --no-verify "
     "skips it; SHA-256 costs about 2-3 s per GB on one core)",
+    "force_memory": "start even when the estimated training memory (memoryformer memory) exceeds the memory "
+    "available",
 }
 CHOICES = {"device": DEVICES, "precision": PRECISIONS, "table_optim": TABLE_OPTIMS, "table_dtype": TABLE_DTYPES}
 

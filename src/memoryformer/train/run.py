@@ -15,9 +15,17 @@ import torch
 
 from memoryformer import checkpoint as ckpt_io
 from memoryformer import data as data_mod
-from memoryformer.config import SAMPLE, ConfigError, MemoryFormerError, ModelConfig, TrainConfig
+from memoryformer.config import (
+    SAMPLE,
+    ConfigError,
+    MemoryFormerError,
+    ModelConfig,
+    TrainConfig,
+)
+from memoryformer.footprint import footprint
 from memoryformer.model import build_model
 from memoryformer.optim import cast_tables
+from memoryformer.resources import check_fits
 from memoryformer.train import distributed as dist_mod
 from memoryformer.train.distributed import Runtime, all_reduce, barrier
 from memoryformer.train.recipe import build_optimizer, default_lr, default_tokens
@@ -170,10 +178,23 @@ def load_data(tcfg: TrainConfig, rt: Runtime, cfg: ModelConfig, seq_len: int):
     return train_tok, val_tok, starts, {"train": train_fp, "val": val_fp}
 
 
+def check_training_memory(cfg: ModelConfig, tcfg: TrainConfig, rt: Runtime, micro: int, accum: int,
+                          seq_len: int) -> None:
+    """One line, before anything is allocated, when this process's training memory (footprint's accounting: state,
+    activations of one micro-batch, transients) will not fit in what the device has available."""
+    dev = rt.device.type
+    est = footprint(cfg, micro, seq_len, table_optim=tcfg.table_optim, table_dtype=tcfg.table_dtype, accum=accum,
+                    sparse_rows=dev == "cpu" and tcfg.table_optim != "adamw", device=dev)
+    what = (f"training {cfg.arch} {cfg.n_layer}x{cfg.d_model} ({est['state'] / 1e9:,.2f} GB of parameters, gradients "
+            f"and optimizer state) at micro-batch {micro} x {seq_len} tokens")
+    check_fits(est["total"], what, str(rt.device), force=tcfg.force_memory)
+
+
 def setup(cfg: ModelConfig, tcfg: TrainConfig, rt: Runtime, seq_len: int, resume_path: Path | None) -> Run:
     if tcfg.tensorboard and rt.is_main:
         summary_writer()  # fails before anything is written
     micro, accum = _micro_batch(tcfg, rt, seq_len)
+    check_training_memory(cfg, tcfg, rt, micro, accum, seq_len)
     train_tok, val_tok, val_starts, fingerprints = load_data(tcfg, rt, cfg, seq_len)
     if tcfg.deterministic:
         if rt.device.type == "cuda":
@@ -203,7 +224,10 @@ def setup(cfg: ModelConfig, tcfg: TrainConfig, rt: Runtime, seq_len: int, resume
 
 def restore(run: Run, state: dict) -> None:
     """Optimizer, counters, data position and RNG from a training checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     set_optimizer_state_dict(run.bare, run.opt, state["optimizer_state"],
                              options=StateDictOptions(full_state_dict=run.tcfg.fsdp))
