@@ -6,13 +6,7 @@ import json
 import sys
 
 from memoryformer.cli.args import add_verify, image_file, number, positive
-from memoryformer.config import (
-    INFERENCE_DTYPES,
-    TABLE_DTYPES,
-    TABLE_OPTIMS,
-    ConfigError,
-    MemoryFormerError,
-)
+from memoryformer.config import INFERENCE_DTYPES, TABLE_DTYPES, TABLE_OPTIMS, ConfigError, MemoryFormerError
 
 
 def add_eval(p) -> None:
@@ -47,12 +41,7 @@ def run_eval(args) -> dict:
     import torch
 
     from memoryformer.checkpoint import load_model
-    from memoryformer.evaluate import (
-        evaluate_tasks,
-        format_results,
-        parse_tasks,
-        perplexity,
-    )
+    from memoryformer.evaluate import evaluate_tasks, format_results, parse_tasks, perplexity
     from memoryformer.evaluate.tasks import check_sources
 
     tasks = parse_tasks(args.tasks) if (args.tasks or not args.data) else []
@@ -113,11 +102,12 @@ def add_analyze(p) -> None:
 
 def run_analyze(args) -> list[dict]:
     from memoryformer import analyze
-    from memoryformer.integrity import ensure_dir
+    from memoryformer.integrity import check_apart, ensure_dir
 
     positive(batch_size=args.batch_size, tokens=args.tokens)
     folders = analyze.output_folders(args.checkpoint, args.out)
     for _, out in folders:  # an unusable --out fails before any work
+        check_apart(out, {"--data": args.data, **{f"--checkpoint {c}": c for c in args.checkpoint}})
         ensure_dir(out, "out")
     results = []
     for ck, out in folders:

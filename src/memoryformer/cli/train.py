@@ -22,6 +22,7 @@ from memoryformer.config import (
     TrainConfig,
     load_run_config,
 )
+from memoryformer.integrity import check_apart
 
 TRAIN_HELP = {
     "data": "training text: a .jsonl[.xz|.gz] or .txt file, a folder of them (train/val by file name), a glob, "
@@ -159,6 +160,7 @@ def run_demo(args) -> dict:
     if args.tokens is not None and args.tokens < 1:
         raise ConfigError(f"tokens: expected a positive number (got {args.tokens})")
     positive(batch_size=args.batch_size, eval_tokens=args.eval_tokens)
+    check_apart(args.out, {"--data": args.data})
     return demo(args.minutes, args.out, preset=args.preset, data=args.data, tokens=args.tokens,
                 batch_size=args.batch_size, eval_tokens=args.eval_tokens, device=args.device, seed=args.seed,
                 progress=args.progress)
@@ -189,6 +191,9 @@ def run_ablate(args) -> list[dict]:
     for n in names:
         if n not in ablate.SUITE_NAMES:
             raise MemoryFormerError(f"suite: unknown suite {n!r} (valid: {', '.join(ablate.SUITE_NAMES)}, all)")
+    check_apart(args.out, {"--data": args.data})
+    if args.results_dir:
+        check_apart(args.results_dir, {"--data": args.data})
     out = []
     for n in names:
         res = ablate.run_suite(n, scale=args.scale, tokens=args.tokens, out=args.out, seed=args.seed,

@@ -27,7 +27,15 @@ import torch
 from memoryformer import checkpoint as ckpt_io
 from memoryformer.config import ConfigError, MemoryFormerError, ModelConfig, TrainConfig
 from memoryformer.evaluate.perplexity import window_nll
-from memoryformer.integrity import RunLock, append_line, read_jsonl, refuse_link, remove_stale_temps, replace_file
+from memoryformer.integrity import (
+    RunLock,
+    append_line,
+    check_apart,
+    read_jsonl,
+    refuse_link,
+    remove_stale_temps,
+    replace_file,
+)
 from memoryformer.train import distributed as dist_mod
 from memoryformer.train.distributed import all_reduce, barrier
 from memoryformer.train.recipe import lr_at
@@ -50,6 +58,7 @@ def train(model_cfg: ModelConfig | None, tcfg: TrainConfig, *, resume: str | os.
     seq_len = tcfg.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"seq_len: {seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    check_apart(tcfg.out, {"--data": tcfg.data, "--val-data": tcfg.val_data})  # the run folder is no input
     rt = dist_mod.setup_runtime(tcfg.device, tcfg.fsdp)
     prev_det = torch.are_deterministic_algorithms_enabled()
     try:

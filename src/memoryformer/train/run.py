@@ -15,13 +15,7 @@ import torch
 
 from memoryformer import checkpoint as ckpt_io
 from memoryformer import data as data_mod
-from memoryformer.config import (
-    SAMPLE,
-    ConfigError,
-    MemoryFormerError,
-    ModelConfig,
-    TrainConfig,
-)
+from memoryformer.config import SAMPLE, ConfigError, MemoryFormerError, ModelConfig, TrainConfig
 from memoryformer.footprint import footprint
 from memoryformer.model import build_model
 from memoryformer.optim import cast_tables
@@ -224,10 +218,7 @@ def setup(cfg: ModelConfig, tcfg: TrainConfig, rt: Runtime, seq_len: int, resume
 
 def restore(run: Run, state: dict) -> None:
     """Optimizer, counters, data position and RNG from a training checkpoint."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(run.bare, run.opt, state["optimizer_state"],
                              options=StateDictOptions(full_state_dict=run.tcfg.fsdp))
