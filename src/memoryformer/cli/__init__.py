@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from memoryformer.cli.doctor import add_doctor, run_doctor
 from memoryformer.cli.evaluate import (
     add_analyze,
     add_eval,
@@ -47,6 +48,7 @@ COMMANDS = (
     ("memory", add_memory, run_memory, "training memory per preset and table option, and whether it fits a GPU"),
     ("generate", add_generate, run_generate, "sample a continuation of a prompt from a checkpoint"),
     ("export", add_export, run_export, "write a checkpoint for inference (int8/bf16 tables) or for transformers"),
+    ("doctor", add_doctor, run_doctor, "the environment in one screen: versions, CPU features, kernels, GPU"),
 )
 
 
