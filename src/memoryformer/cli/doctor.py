@@ -43,10 +43,10 @@ def _kernels(build: bool) -> str:
     reason = cpu_ext.why_not()
     if reason:
         return f"off ({reason})"
-    from torch.utils.cpp_extension import _get_build_directory
+    from memoryformer.ops.build import build_dir, is_built
 
-    where = Path(_get_build_directory(cpu_ext.build_name(), verbose=False))
-    built = any(where.glob("*.so"))
+    name = cpu_ext.build_name()
+    where, built = build_dir(name), is_built(name)
     if not built and build:
         built = cpu_ext.get() is not None
     return f"{'built' if built else 'not built yet (built on first use, ~1-3 min)'} in {where}"

@@ -6,20 +6,21 @@ time in ~15 small operations and the rows arrive one DRAM latency at a time. The
 call, prefetches the rows it is about to read and splits the output columns over a small pool of persistent
 threads (`threads()`; no second OpenMP runtime beside torch's).
 
-It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute, once per machine: the
-build is cached under `~/.cache/torch_extensions`, keyed by the sources and the CPU's instruction set). Without a
+It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute, once per machine and
+checkout: the build is cached under `~/.cache/torch_extensions`, keyed by the sources, the CPU's instruction set and
+the checkout's path; `ops/build.py` keeps a build from hanging or running silently). Without a
 C++ compiler, or with `MEMORYFORMER_CPU_KERNEL=0`, the ATen path runs instead and one log line says why.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import platform
 import shutil
-import time
 from pathlib import Path
+
+from memoryformer.ops import build
 
 log = logging.getLogger("memoryformer")
 
@@ -43,11 +44,7 @@ def _cpu_flags() -> str:
 
 
 def build_name() -> str:
-    h = hashlib.sha256()
-    for f in SOURCES + HEADERS:
-        h.update(f.read_bytes())
-    h.update(_cpu_flags().encode())
-    return f"memoryformer_cpu_{h.hexdigest()[:12]}"
+    return build.extension_name("memoryformer_cpu", SOURCES + HEADERS, _cpu_flags())
 
 
 def why_not() -> str | None:
@@ -66,34 +63,17 @@ def get():
     module = None
     if reason is None:
         try:
-            from torch.utils.cpp_extension import _get_build_directory, load
-
-            _clear_stale_lock(Path(_get_build_directory(build_name(), verbose=False)) / "lock")
-            log.info("memoryformer: building the CPU inference kernels (once per machine, cached)")
             # -fopenmp-simd: vectorisation hints only, no second OpenMP runtime beside torch's
             flags = ["-O3", "-fopenmp-simd"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
-            module = load(build_name(), [str(s) for s in SOURCES], extra_cflags=flags, extra_include_paths=[str(CSRC)],
-                          verbose=False)
-        except Exception as e:  # noqa: BLE001 - any build failure means: use the ATen path
+            module = build.load(build_name(), [str(s) for s in SOURCES], flags, [str(CSRC)])
+        except build.BuildError as e:
+            reason = str(e)
+        except Exception as e:  # noqa: BLE001 - any other failure to load means: use the ATen path
             reason = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
     if module is None:
         log.warning(f"memoryformer: CPU inference kernels unavailable ({reason}); using the ATen path")
     _state["module"] = module
     return module
-
-
-STALE_LOCK_S = 900  # a build takes 1-3 minutes; a lock this old was left by a build that was killed
-
-
-def _clear_stale_lock(lock: Path) -> None:
-    """torch's extension builder waits for ever on the lock file of a build that was killed; drop it if stale."""
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except OSError:
-        return
-    if age > STALE_LOCK_S:
-        log.warning(f"memoryformer: removing the stale build lock {lock} ({age / 60:.0f} min old)")
-        lock.unlink(missing_ok=True)
 
 
 def threads(n: int | None = None) -> int:
