@@ -57,7 +57,7 @@ def test_read_jsonl_drops_a_torn_tail_and_repairs_it(tmp_path, caplog):
         read_jsonl(p)
 
 
-@pytest.mark.parametrize("name", ["config.json", ".lock", "metrics.jsonl"])
+@pytest.mark.parametrize("name", ["config.json", ".lock", "metrics.jsonl", "summary.json", "final"])
 def test_a_link_inside_a_run_folder_is_refused_not_followed(corpus, tmp_path, name):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")

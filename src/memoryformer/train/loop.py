@@ -91,12 +91,16 @@ def already_complete(run: Run, resume_path: Path | None) -> dict:
     return summary(run, str(resume_path), run.last.get("val_loss"), "done")
 
 
+RUN_FILES = ("metrics.jsonl", "config.json", "train_config.json", "summary.json", "final", "tensorboard")
+
+
 def open_outputs(run: Run, resume_path: Path | None) -> None:
     """The run folder, metrics.jsonl (cut back to the resumed step), TensorBoard, and the run header."""
     out, metrics = run.out, run.out / "metrics.jsonl"
     if run.rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        refuse_link(metrics, "metrics.jsonl")
+        for entry in (*RUN_FILES, *(p.name for p in out.glob("ckpt-*"))):  # before anything is written
+            refuse_link(out / entry, entry)
         if resume_path is None and metrics.exists():
             if ckpt_io.list_checkpoints(out):
                 raise ckpt_io.CheckpointError(
