@@ -63,7 +63,8 @@ async def _watch_disconnect(request: Request, handle) -> None:
 
 def build_app(scheduler: Scheduler, *, model_name: str, encode, api_key: str | None = None,
               drain_timeout: float = 30.0) -> FastAPI:
-    """The FastAPI app over a started `scheduler`; its shutdown drains the scheduler for `drain_timeout` s."""
+    """The FastAPI app over a started `scheduler`; at its shutdown the requests in flight get until `drain_timeout`
+    seconds after the scheduler stopped admitting (SIGTERM, see `serve`), then the rest are cancelled."""
     engine = scheduler.engine
     S, V = engine.max_seq_len, engine.vocab_size
 

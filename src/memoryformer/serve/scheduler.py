@@ -203,7 +203,7 @@ class Scheduler:
         self._rows: dict[int, _Row] = {}
         self._free = list(range(engine.max_batch - 1, -1, -1))  # popped from the end: slot 0 first
         self._ids = itertools.count(1)
-        self._admitting, self._drain_until = True, None
+        self._admitting, self._stopped_at, self._drain_until = True, 0.0, None
         self._thread: threading.Thread | None = None
 
     # -- the clients' side ----------------------------------------------------------------------------------------
@@ -248,15 +248,17 @@ class Scheduler:
         return handle
 
     def stop_admitting(self) -> None:
+        """Refuse new requests from now on (`ShuttingDown`); the deadline of `shutdown` counts from here."""
         with self._cond:
-            self._admitting = False
+            if self._admitting:
+                self._admitting, self._stopped_at = False, time.perf_counter()
 
     def shutdown(self, deadline: float = 30.0) -> None:
-        """Stop admitting; let the requests in flight (active and waiting) finish for up to `deadline` seconds,
-        then cancel the rest and stop the thread."""
+        """Stop admitting; let the requests in flight (active and waiting) finish until `deadline` seconds after
+        admission stopped (`stop_admitting`, or now), then cancel the rest and stop the thread."""
+        self.stop_admitting()
         with self._cond:
-            self._admitting = False
-            self._drain_until = time.perf_counter() + max(0.0, deadline)
+            self._drain_until = self._stopped_at + max(0.0, deadline)
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
