@@ -159,6 +159,28 @@ def test_a_client_that_leaves_frees_its_slot(model):
         s.close()
 
 
+def test_the_drain_deadline_answers_what_is_left(model):
+    s = Server(Slow(model, 2, delay=0.1))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            plain = pool.submit(httpx.post, f"{s.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 60},
+                                timeout=30)
+            with httpx.stream("POST", f"{s.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 60,
+                                                                       "stream": True}, timeout=30) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                wait_for(lambda: s.scheduler.active == 2)
+                s.scheduler.drain(0.2)  # as SIGTERM does: 60 tokens would take 6 s
+                events = [line for line in lines if line]
+            assert events[-1] == "data: [DONE]" and "shut down before this request finished" in events[-2]
+            assert plain.result().status_code == 503 and plain.result().json()["error"]["code"] == "cancelled"
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "late"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(f"{s.url}/health").status_code == 503
+    finally:
+        s.close()
+
+
 def test_a_full_queue_answers_503_with_retry_after(model):
     engine = Slow(model, 1, delay=0)
     engine.gate = threading.Event()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import signal
 import time
 
@@ -28,6 +29,7 @@ except ImportError as e:  # the optional extra
 
 RETRY_AFTER_S = 1  # a full queue: when to try again (a few steps of the running rows free slots)
 DISCONNECT_POLL_S = 0.1
+GRACE_S = 2  # after the drain deadline: for the cancelled requests' answers to go out
 
 
 def _error(err: ApiError) -> JSONResponse:
@@ -178,14 +180,15 @@ async def _stream(request: Request, handle, rid: str, model: str, created: int, 
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, whose first SIGTERM / SIGINT also stops the scheduler admitting requests."""
+    """uvicorn's server, whose first SIGTERM / SIGINT also starts the scheduler's drain: it cancels what is left at
+    the deadline itself, so those clients get an answer (503, or an error event) rather than a cut connection."""
 
-    def __init__(self, config, scheduler: Scheduler):
+    def __init__(self, config, scheduler: Scheduler, drain_timeout: float):
         super().__init__(config)
-        self.scheduler = scheduler
+        self.scheduler, self.drain_timeout = scheduler, drain_timeout
 
     def handle_exit(self, sig, frame) -> None:
-        self.scheduler.stop_admitting()
+        self.scheduler.drain(self.drain_timeout)
         super().handle_exit(sig, frame)
 
 
@@ -193,9 +196,10 @@ def serve(app: FastAPI, scheduler: Scheduler, *, host: str = "127.0.0.1", port: 
           drain_timeout: float = 30.0, log_level: str = "info") -> None:
     """Run until SIGTERM / Ctrl-C: then stop admitting, give the requests in flight `drain_timeout` seconds, cancel
     the rest, and return (the process exits 0)."""
+    # uvicorn's own wait for open connections outlasts the drain by the time the cancelled ones take to answer
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=max(1, int(drain_timeout)))
-    server = _Server(config, scheduler)
+                            timeout_graceful_shutdown=math.ceil(drain_timeout) + GRACE_S)
+    server = _Server(config, scheduler, drain_timeout)
     # uvicorn re-raises the signal it caught once it has shut down, under the handler that was there before it:
     # a handler that does nothing makes that a clean exit
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}

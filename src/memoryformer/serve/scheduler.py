@@ -9,7 +9,7 @@ The queue of waiting requests is bounded (`QueueFull` past `max_queue`). Each ro
     sched = Scheduler(slot_engine_for(model, 8), decode=data.decode, eos_id=data.EOT_ID).start()
     handle = sched.submit(prompt_ids, SamplingParams(max_tokens=64, temperature=0))
     text, reason, usage = handle.result()         # or: for ev in handle: ... / async for ev in handle.aiter(): ...
-    sched.shutdown(deadline=30)                    # stop admitting, let rows finish, cancel what is left
+    sched.shutdown(deadline=30)                    # stop admitting, let rows finish, cancel what is left, join
 """
 
 from __future__ import annotations
@@ -253,13 +253,19 @@ class Scheduler:
             if self._admitting:
                 self._admitting, self._stopped_at = False, time.perf_counter()
 
-    def shutdown(self, deadline: float = 30.0) -> None:
-        """Stop admitting; let the requests in flight (active and waiting) finish until `deadline` seconds after
-        admission stopped (`stop_admitting`, or now), then cancel the rest and stop the thread."""
+    def drain(self, deadline: float = 30.0) -> None:
+        """Stop admitting and return: the requests in flight (active and waiting) may finish until `deadline`
+        seconds after admission stopped (`stop_admitting`, or now); then the rest are cancelled and the thread
+        stops."""
         self.stop_admitting()
         with self._cond:
-            self._drain_until = self._stopped_at + max(0.0, deadline)
+            until = self._stopped_at + max(0.0, deadline)
+            self._drain_until = until if self._drain_until is None else min(until, self._drain_until)
             self._cond.notify_all()
+
+    def shutdown(self, deadline: float = 30.0) -> None:
+        """`drain(deadline)`, then wait for the thread to stop."""
+        self.drain(deadline)
         if self._thread is not None:
             self._thread.join()
 
