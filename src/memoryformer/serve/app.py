@@ -22,8 +22,9 @@ from memoryformer.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 try:
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as e:  # the optional extra
     raise ImportError(f"serve: needs FastAPI and uvicorn: pip install 'memoryformer[serve]' ({e})") from None
 
@@ -109,6 +110,8 @@ def build_app(scheduler: Scheduler, *, model_name: str, encode, api_key: str | N
     async def completions(request: Request):
         try:
             body = json.loads(await request.body())
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer
+            return Response(status_code=400)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "body: expected a JSON object (the request body is not valid JSON)") from None
         model = body.get("model") if isinstance(body, dict) else None
