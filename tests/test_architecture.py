@@ -19,7 +19,7 @@ LAYERS = [
     {"model"},
     {"inference", "optim", "footprint"},
     {"data", "checkpoint"},
-    {"train", "evaluate", "generate", "analyze", "flops", "hf", "lm_eval_adapter"},
+    {"train", "evaluate", "generate", "analyze", "flops", "hf", "lm_eval_adapter", "serve"},
     {"studies"},
     {"cli", "launch", "__main__"},
 ]

@@ -26,6 +26,7 @@ from memoryformer.cli.inference import (
     run_export,
     run_generate,
 )
+from memoryformer.cli.serve import add_serve, run_serve
 from memoryformer.cli.train import (
     add_ablate,
     add_demo,
@@ -48,6 +49,7 @@ COMMANDS = (
     ("memory", add_memory, run_memory, "training memory per preset and table option, and whether it fits a GPU"),
     ("generate", add_generate, run_generate, "sample a continuation of a prompt from a checkpoint"),
     ("export", add_export, run_export, "write a checkpoint for inference (int8/bf16 tables) or for transformers"),
+    ("serve", add_serve, run_serve, "an OpenAI-compatible HTTP server (/v1/completions) over a checkpoint"),
     ("doctor", add_doctor, run_doctor, "the environment in one screen: versions, CPU features, kernels, GPU"),
 )
 
