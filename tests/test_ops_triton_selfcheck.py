@@ -14,7 +14,8 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+              pytest.mark.slow]  # ~1 min on 2 cores under the interpreter
 
 SCRIPT = textwrap.dedent("""
     import json, logging
@@ -37,6 +38,7 @@ SCRIPT = textwrap.dedent("""
 
     out["real"] = tb.self_check("cpu", torch.float32)
     out["real_bf16"] = tb.self_check("cpu", torch.bfloat16)
+    out["real_f64"] = tb.self_check("cpu", torch.float64)
     out["lines_after_real"] = len(lines)
     tb.forget_verdicts()
 
@@ -74,7 +76,7 @@ def result() -> dict:
 
 
 def test_the_real_kernels_pass(result):
-    assert result["real"] is None and result["real_bf16"] is None
+    assert result["real"] is None and result["real_bf16"] is None and result["real_f64"] is None
     assert result["lines_after_real"] == 0
 
 

@@ -89,20 +89,23 @@ def self_check(device, dtype: torch.dtype, *, lookup=None, layer=None, warn: boo
     x = torch.randn(N, K * tau, generator=g).to(device=device, dtype=dtype)
     tables = (0.5 * torch.randn(K, 2**tau, h, generator=g)).to(device=device, dtype=dtype)
     gy = torch.randn(N, h, generator=g).to(device)
-    codes, w = chunk_hash(x.detach().float(), tau, weighting="paper")
+    prec = torch.float64 if dtype == torch.float64 else torch.float32  # the kernels' accumulation
+    codes, w = chunk_hash(x.detach().to(prec), tau, weighting="paper")
 
-    def bag(c, w_, t):  # fp32: embedding_bag has no half-precision weight gradient on CUDA
-        return lookup_embedding_bag(c, w_.float(), t.float()).to(t.dtype)
+    def bag(c, w_, t):  # fp32 for half tables: embedding_bag has no half-precision weight gradient on CUDA
+        return lookup_embedding_bag(c, w_.to(prec), t.to(prec)).to(t.dtype)
 
     def bag_layer(x_, t):
-        return bag(*chunk_hash(x_.float(), tau, weighting="paper"), t)
+        return bag(*chunk_hash(x_.to(prec), tau, weighting="paper"), t)
 
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             errs = _check_pair("lookup", lambda w_, t: lookup(codes, w_, t), lambda w_, t: bag(codes, w_, t),
                                dict(weights=w, tables=tables), gy)
-            errs.update(_check_pair("layer", lambda x_, t: layer(x_, t, None, tau=tau, weighting="paper",
-                                                                 temperature=1.0), bag_layer, dict(x=x, tables=tables), gy))
+            def fused(x_, t):
+                return layer(x_, t, None, tau=tau, weighting="paper", temperature=1.0)
+
+            errs.update(_check_pair("layer", fused, bag_layer, dict(x=x, tables=tables), gy))
         worst = max(errs, key=errs.get)
         tol = CHECK_TOL.get(dtype, 2e-2)
         reason = None if errs[worst] <= tol else f"{worst} off by {errs[worst]:.3g} (max-wise, tolerance {tol:g})"
