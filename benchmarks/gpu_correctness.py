@@ -17,7 +17,7 @@ from gpu_common import Suite, block, free, grads
 
 from memoryformer import MemoryLayer, build_model, get_config
 from memoryformer.model import MemoryFormerBlock
-from memoryformer.ops import chunk_hash, lookup_embedding_bag, lookup_reference, memory_layer, memory_lookup
+from memoryformer.ops import chunk_hash, lookup_embedding_bag, lookup_reference, triton_backend
 
 # fp32: fp32 accumulation of K <= 160 terms (~K * 6e-8 worst case); bf16: outputs and gradients are rounded to
 # 8 significant bits (unit roundoff 2**-8 = 3.9e-3 per element, about half that norm-wise).
@@ -94,10 +94,10 @@ def check_case(s: Suite, dtype: torch.dtype, shape: dict, weighting: str) -> dic
     ref = _reference(x, T, gy, tau, weighting, max(1, s.size["ref_elems"] // (K * d_out)))
     codes, w = chunk_hash(x.double(), tau, weighting=weighting)
     w = w.float()
-    with poisoned():
-        lay = grads(lambda x_, T_: memory_layer(x_, T_, None, tau=tau, weighting=weighting, backend="triton"),
-                     x, T, gy)
-        lk = grads(lambda w_, T_: memory_lookup(codes, w_, T_, backend="triton"), w, T, gy)
+    with poisoned():  # the kernels themselves, not the backend (which would fall back if its self-check failed)
+        lay = grads(lambda x_, T_: tk.layer_forward(x_, T_, None, tau=tau, weighting=weighting, temperature=1.0),
+                    x, T, gy)
+        lk = grads(lambda w_, T_: tk.lookup(codes, w_, T_), w, T, gy)
         _, atomic = tk.backward(gy.contiguous(), codes, w, T, False, True, tk.KernelConfig(table_grad="atomic"))
     bag = grads(lambda w_, T_: lookup_embedding_bag(codes, w_, T_), w, T.float(), gy.float())
     errs = dict(layer_y=compare(lay[0], ref["y"]), layer_grad_x=compare(lay[1], ref["gx"]),
@@ -174,9 +174,16 @@ def compile_check(s: Suite) -> dict:
 
 
 def part_correctness(s: Suite, res: dict) -> None:
+    est, first = s.size["est"], True
+    res["self_check"] = {}  # what the backend decides on first use; a failure sends every layer to embedding_bag
+    for dtype in (torch.float32, torch.bfloat16):
+        if s.fits(est["self_check"], f"a self-check {str(dtype)[6:]}", "a"):
+            verdict = triton_backend.self_check(s.dev, dtype)
+            res["self_check"][str(dtype)[6:]] = "ok" if verdict is None else verdict
+            s.log(f"self-check {str(dtype)[6:]}: {res['self_check'][str(dtype)[6:]]}")
+    s.save()
     res["shapes"] = layer_shapes(s.size["presets"], s.size["over"])
     res["cases"] = []
-    est, first = s.size["est"], True
     for shape in res["shapes"]:
         weightings = [shape["weighting"]] + (["release" if shape["weighting"] == "paper" else "paper"] * first)
         first = False
@@ -205,4 +212,5 @@ def part_correctness(s: Suite, res: dict) -> None:
         s.attempt(res["compile"], lambda: compile_check(s))
     checks = [v for u in res["opcheck"].values() if isinstance(u, dict) for v in u.values()]
     res["all_ok"] = (bool(res["cases"]) and all(c["ok"] for c in res["cases"]) and bool(checks)
+                     and list(res["self_check"].values()) == ["ok", "ok"]
                      and all(v == "ok" for v in checks) and res.get("compile", {}).get("ok", False))

@@ -29,9 +29,11 @@ def targets(data: dict) -> list[dict]:
     a = res["a"]
     cases, ops = a.get("cases", []), a.get("opcheck", {})
     checks = [v for u in ops.values() if isinstance(u, dict) for v in u.values()]
-    seen = (f"{sum(c.get('ok', False) for c in cases)}/{len(cases)} cases, {checks.count('ok')}/{len(checks)} "
-            f"opcheck, compile {get(a, 'compile', 'ok')}") if cases else None
-    out = [row("correctness (a): every case, opcheck and compile check pass", seen, "all pass", a.get("all_ok"))]
+    selfc = list(a.get("self_check", {}).values())
+    seen = (f"self-check {selfc.count('ok')}/{len(selfc)}, {sum(c.get('ok', False) for c in cases)}/{len(cases)} "
+            f"cases, {checks.count('ok')}/{len(checks)} opcheck, compile {get(a, 'compile', 'ok')}") if cases else None
+    out = [row("correctness (a): self-check, every case, opcheck and compile check pass", seen, "all pass",
+               a.get("all_ok"))]
     blocks = [b for b in res["c"].get("blocks", []) if "fwdbwd" in b]
     big = max(blocks, key=lambda b: b["d"], default=None)
     r = big and big["fwdbwd"]["ratio"]
@@ -61,6 +63,8 @@ def _case_line(c: dict) -> str:
 def _figures(res: dict) -> list[str]:
     """One line per measured figure (or error) of each part."""
     out, a, b = [], res["a"], res["b"]
+    out += [f"- a self-check {k} (the backend's first-use check against F.embedding_bag): {v}"
+            for k, v in a.get("self_check", {}).items()]
     out += [_case_line(c) for c in a.get("cases", [])]
     for op, utils in a.get("opcheck", {}).items():
         bad = {u: v for u, v in utils.items() if v != "ok"} if isinstance(utils, dict) else {"": utils}

@@ -55,6 +55,7 @@ def test_correctness_at_every_preset_shape(suite):
     assert {(x["d_in"], x["d_out"], x["tau"]) for x in res["shapes"]} == want
     assert {x["layer"] for x in res["shapes"]} == {"attn.qkv", "mlp.l1", "mlp.l2"}  # qkv, and the block's l2
     assert any(x["tau"] == DRY["over"]["tau"] + 2 for x in res["shapes"])  # tau + expand_bits bits
+    assert res["self_check"] == {"float32": "ok", "bfloat16": "ok"}
     cases = res["cases"]
     assert {(c["d_in"], c["d_out"], c["tau"], c["dtype"]) for c in cases} == {
         (*k, dt) for k in want for dt in ("float32", "bfloat16")}

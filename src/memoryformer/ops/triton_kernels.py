@@ -21,7 +21,7 @@ while staging a table tile on chip and using `tl.gather` was 20-70x slower. Accu
   PyTorch elementwise passes over the (N, K*tau) input.
 
 Tiles and the table-gradient method are arguments (`KernelConfig`), never module state: the registered
-`torch.library` ops run the defaults (what `torch.compile` traces), and `configured_lookup` / `layer_forward(...,
+`torch.library` ops run the defaults (what `torch.compile` traces), and `lookup(..., config)` / `layer_forward(...,
 config=...)` run any other choice eagerly (tile sweeps, the atomic scatter) through a plain autograd.Function.
 """
 
@@ -200,6 +200,7 @@ def _grad_weight_parts(grad, codes, tables, f64: bool, config: KernelConfig) -> 
 
 
 lookup_op = define_lookup_op("lookup_triton", forward, backward, triton=True)
+_flat_lookup = flat_call(lookup_op)
 
 
 class _ConfiguredLookup(torch.autograd.Function):
@@ -222,7 +223,7 @@ class _ConfiguredLookup(torch.autograd.Function):
 def lookup(codes: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, config: KernelConfig = DEFAULT):
     """The backend call: (..., K) codes and weights -> (..., h)."""
     if config == DEFAULT:
-        return flat_call(lookup_op)(codes, weights, tables)
+        return _flat_lookup(codes, weights, tables)
     return flat_call(lambda c, w, t: _ConfiguredLookup.apply(c, w, t, config))(codes, weights, tables)
 
 
