@@ -1,25 +1,31 @@
-"""The whole GPU check in one command: Triton kernels at real sizes, one layer, one block, training, decoding, tiles.
+"""The whole GPU check in one command: Triton kernels at every model shape, one layer, one block, training, tiles,
+decoding. The two commands for a first, short loan (docs/GPU.md):
 
-    PYTHONPATH=src python benchmarks/gpu_suite.py --out "$OUT/gpu"          # one H200: ~5-6 min, at most ~7.5
-    PYTHONPATH=src python benchmarks/gpu_suite.py --out /tmp/gpu --parts a,f --time-budget 200
-    PYTHONPATH=src python benchmarks/gpu_suite.py --out /tmp/gpu --dry-run  # CPU, Triton interpreter: ~1 min
+    PYTHONPATH=src python benchmarks/gpu_suite.py --out "$OUT/gpu" --time-budget 340            # timeout_s=390
+    PYTHONPATH=src python benchmarks/gpu_suite.py --out "$OUT/gpu" --parts <left> --merge run1/suite.json \\
+        --time-budget 220                                                                      # timeout_s=260
+    PYTHONPATH=src python benchmarks/gpu_suite.py --out /tmp/gpu --dry-run   # CPU, Triton interpreter: ~2 min
 
-Parts (letters for --parts):
+Parts (letters for --parts), in the order they run (value per second of device time):
   a  correctness: fused Triton layer (output, input and table gradients) and lookup op (output, weight and table
-     gradients) against the float64 reference and F.embedding_bag; fp32/bf16 tables, d = 512/1024, N = 16384, both
-     weightings, sorted and atomic table gradient; torch.library.opcheck of the ops; torch.compile(fullgraph=True)
-     of a MemoryFormer block, forward + backward, against eager.
+     gradients; atomic table gradient too) against the float64 reference and F.embedding_bag at every Memory Layer
+     shape of the tiny / small / base presets, fp32 and bf16 tables, N = 16384, outputs poisoned with NaN;
+     torch.library.opcheck of the ops, one test utility at a time; torch.compile(fullgraph=True) of a block.
   b  one layer (d = 1024, tau = 8, N = 16384, bf16) against F.linear; row bytes/s of the forward.
   c  one block (B = 8, T = 2048, bf16 autocast, bf16 tables) against the Pythia block, d = 512 / 768 / 1024.
   d  training tokens/s and peak memory, 30 fused-AdamW steps: MF-tiny vs pythia-70m, MF-small vs pythia-160m.
-  e  batch-1 greedy decode tokens/s: MF-tiny vs Hugging Face GPTNeoX at the Pythia-70M shape with a static cache.
-  f  tile sweep of the forward, grad-weights and table-gradient kernels; the fastest go to `best_tiles`.
+  e  tile sweep of the forward, grad-weights and table-gradient kernels; the fastest go to `best_tiles`.
+  f  batch-1 greedy decode tokens/s: MF-tiny and the repo's dense Pythia-70M through the same generate(), then
+     Hugging Face GPTNeoX (static cache, eager and compiled with CUDA graphs) shown apart.
 
-Writes DIR/suite.json (every figure, rewritten after each step, so a killed run keeps what it measured) and
-DIR/summary.md (device, versions, date, targets met / not met). A part that raises is recorded (type, message,
-traceback tail) and the rest still runs; a global time guard (--time-budget, default 450 s) skips what would not fit.
-`--dry-run` runs the same code at tiny shapes on CPU under TRITON_INTERPRET=1 (tests/test_gpu_suite.py).
-Weights are random and token ids are random: speed does not depend on them, and nothing is downloaded.
+Writes DIR/suite.json (every figure, rewritten after each candidate, so a killed run keeps what it measured) and
+DIR/summary.md (device, versions, targets, parts, figures, what to run again). Every part and every candidate in
+it is guarded: an error is recorded (type, message, traceback tail) and the next one runs. After a CUDA error
+(illegal address, device assert: the context is poisoned) the remaining parts run in a fresh process, which
+merges its results into the same files. The time guard skips what its estimate says would not fit, and an alarm
+stops the run where it is when --time-budget is spent. `--merge FILE` starts from an earlier suite.json (its
+parts are kept unless run again). `--dry-run` runs the same code at tiny shapes on CPU under TRITON_INTERPRET=1
+(tests/test_gpu_suite.py). Weights and token ids are random: speed does not depend on them; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -35,86 +41,57 @@ from pathlib import Path
 START = time.monotonic()  # the time budget counts from here, imports included
 if "--dry-run" in sys.argv[1:]:  # the interpreter is chosen when triton is imported, so before anything imports it
     os.environ["TRITON_INTERPRET"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"  # random weights only: never reach for the network
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_parts import (  # noqa: E402
-    H100_EBAG_FWDBWD,
-    PAIRS,
-    _error,
-    _free,
-    part_block,
-    part_correctness,
-    part_decode,
-    part_layer,
-    part_tiles,
-    part_training,
-)
-from kernel_timing import device_name, load, time_interleaved  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other gpu_* modules and kernel_timing
+from gpu_common import OutOfTime, Suite, cuda_fatal, error, free  # noqa: E402
+from gpu_correctness import part_correctness  # noqa: E402
+from gpu_parts import PAIRS, part_block, part_decode, part_layer, part_tiles, part_training  # noqa: E402
+from gpu_report import PARTS  # noqa: E402
+from kernel_timing import device_name, load  # noqa: E402
 
-PARTS = {"a": "correctness", "b": "layer", "c": "block", "d": "training", "e": "decode", "f": "tiles"}
+# benchmarks/kernels.py would shadow the `kernels` package transformers imports: once ours are loaded, this folder
+# leaves the path.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+
+# Seconds per candidate: estimates, not measurements on this machine. They scale the H100 timings in the project's
+# GPU notes (forward gather 0.5 ms, whole-layer fwd+bwd ~30x F.linear at d = 1024, MF block fwd+bwd ~0.1 s with
+# embedding_bag) and add Triton's compile of each new kernel specialisation (~1 s each, several per new (K, tau,
+# dtype)); HF's torch.compile + CUDA graphs took 60-130 s on an H100.
+EST = dict(self_check=3, case=5, opcheck=20, compile=45, layer=5, block=12, train=15, tile=3, memoryformer=20, dense_pythia=10,
+           hf_static_eager=15, hf_static_compiled=130)
+FIRST = dict(a="case", b="layer", c="block", d="train", e="tile", f="memoryformer")  # a part needs its first to fit
 GPU = dict(
-    tau=8, dims=(512, 1024), n=16384, chunk=2048, compile=(2, 512, "inductor"), layer=(1024, 16384), blocks=PAIRS,
-    batch=(8, 2048), train=PAIRS[:2], steps=(3, 30), decode=(32, 128, 2, 3), over={}, timing=(3, 20, 10.0),
-    tiles=dict(fwd=[(16, 64), (32, 64), (64, 64), (16, 128), (32, 128), (32, 32)],
-               bwd=[(16, 128), (32, 128), (32, 64), (64, 64), (16, 256)],
-               seg=[(8, 128), (16, 128), (32, 128), (16, 64), (16, 256), (32, 64)]),
-    est=dict(a=150, b=15, c=50, d=60, e=20, f=45, case=8, compile=60, block=15, train=12, hf_compile=90),
+    presets=("tiny", "small", "base"), n=16384, ref_elems=2**27, tau=8, compile=(2, 512, "inductor"),
+    layer=(1024, 16384), blocks=PAIRS, batch=(8, 2048), train=PAIRS[:2], steps=(3, 30), decode=(32, 128, 2, 3),
+    over={}, timing=(3, 20, 10.0),
+    tiles=dict(fwd=[(16, 64), (64, 64), (16, 128), (32, 128)], bwd=[(16, 128), (32, 64), (64, 64)],
+               seg=[(8, 128), (32, 128), (16, 64)]),
+    est=EST,
 )
 DRY = dict(  # the interpreter runs every Triton program in Python: few programs, i.e. small K * 2**tau and N
-    tau=2, dims=(8,), n=32, chunk=16, compile=(1, 16, "eager"), layer=(8, 32), blocks=PAIRS[:1],
-    batch=(1, 32), train=PAIRS[:1], steps=(1, 1), decode=(4, 2, 0, 1), timing=(1, 1, 1.0),
+    presets=("tiny", "small", "base"), n=32, ref_elems=2**20, tau=2, compile=(1, 16, "eager"), layer=(8, 32),
+    blocks=PAIRS[:1], batch=(1, 32), train=PAIRS[:1], steps=(1, 1), decode=(4, 2, 0, 1), timing=(1, 1, 1.0),
     over=dict(n_layer=1, d_model=8, n_head=1, max_seq_len=64, tau=2, vocab_size=256),
-    tiles=dict(fwd=[(16, 64), (32, 64)], bwd=[(32, 128), (16, 64)], seg=[(16, 128), (8, 64)]),
-    est={k: 1 for k in GPU["est"]},
+    tiles=dict(fwd=[(16, 64)], bwd=[(16, 64)], seg=[(8, 64)]),
+    est={k: 1 for k in EST},
 )
-
-
-class Suite:
-    """Run state: sizes, clock and time guard, progress log, and the results written after every step."""
-
-    def __init__(self, args, size: dict, device: torch.device):
-        self.args, self.size, self.dev = args, size, device
-        self.t0 = START
-        self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.data = dict(meta=_meta(args, device), parts={}, skipped=[], targets=[], best_tiles={})
-
-    def log(self, msg: str) -> None:
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
-        print(f"[{now} +{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
-
-    def fits(self, seconds: float, what: str) -> bool:
-        """Whether `what` (estimated `seconds`) still fits the time budget; if not, record and say so."""
-        left = self.args.time_budget - (time.monotonic() - self.t0)
-        if seconds <= left:
-            return True
-        self.data["skipped"].append(f"{what}: needs ~{seconds:.0f} s, {max(left, 0):.0f} s left")
-        self.log(f"skip {self.data['skipped'][-1]}")
-        return False
-
-    def time(self, fns: dict) -> dict[str, float]:
-        warmup, reps, budget = self.size["timing"]
-        return time_interleaved(fns, self.dev, warmup=warmup, reps=reps, budget_s=budget)
-
-    def save(self) -> None:
-        self.data["elapsed_s"] = round(time.monotonic() - self.t0, 1)
-        self.data["targets"] = _targets(self.data)
-        (self.out / "suite.json").write_text(json.dumps(self.data, indent=1, default=str) + "\n")
-        try:
-            text = _summary(self.data)
-        except Exception as e:  # the JSON holds every figure; a summary bug must not stop the suite
-            text = f"# summary failed\n\n```\n{_error(e)['traceback']}\n```\n"
-        (self.out / "summary.md").write_text(text)
+FNS = dict(a=part_correctness, b=part_layer, c=part_block, d=part_training, e=part_tiles, f=part_decode)
 
 
 def _meta(args, device) -> dict:
-    import transformers
-    import triton
-
-    meta = dict(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
-                transformers=transformers.__version__, python=sys.version.split()[0], cuda=torch.version.cuda,
+    versions = {}
+    for mod in ("triton", "transformers"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception as e:  # the suite still runs the parts that do not need it
+            versions[mod] = f"not importable ({type(e).__name__})"
+    meta = dict(device=device_name(device), torch=torch.__version__, python=sys.version.split()[0],
+                cuda=torch.version.cuda, **versions,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 command="python " + " ".join(sys.argv), dry_run=args.dry_run, time_budget_s=args.time_budget,
                 load_start=load(), triton_interpret=os.environ.get("TRITON_INTERPRET") == "1")
@@ -123,126 +100,93 @@ def _meta(args, device) -> dict:
     return meta
 
 
-def _get(data: dict, *keys):
-    for k in keys:
-        data = data.get(k) if isinstance(data, dict) else None
+def _data(args, device, keys: list[str]) -> dict:
+    meta = _meta(args, device)
+    if not args.merge:
+        return dict(meta=meta, runs=[meta], parts={}, skipped=[], restarts=[], targets=[], best_tiles={})
+    data = json.loads(Path(args.merge).read_text())
+    data.setdefault("runs", []).append(meta)
+    data.setdefault("restarts", [])
+    for k in keys:  # parts run again replace what the earlier file holds
+        data["parts"].pop(k, None)
+    data["skipped"] = [x for x in data.get("skipped", []) if x.get("part") not in keys]
+    data["previous_elapsed_s"] = data.get("elapsed_s", 0)
     return data
 
 
-def _targets(data: dict) -> list[dict]:
-    def row(name, value, goal, met, stretch=None):
-        shown = "n/a" if value is None else value if isinstance(value, str) else f"{value:.2f}x"
-        return dict(target=name, value=value, measured=shown, goal=goal, met=met,
-                    **({} if stretch is None else dict(stretch=stretch)))
-
-    res = {k: _get(data, "parts", k, "results") or {} for k in PARTS}
-    cases, ops = res["a"].get("cases", []), res["a"].get("opcheck", {})
-    seen = (f"{sum(c['ok'] for c in cases)}/{len(cases)} cases, {sum(v == 'ok' for v in ops.values())}/{len(ops)} "
-            f"opcheck, compile {_get(res['a'], 'compile', 'ok')}") if cases else None
-    out = [row("correctness (a): every case, opcheck and compile check pass", seen, "all pass",
-               res["a"].get("all_ok"))]
-    blocks = [b for b in res["c"].get("blocks", []) if "fwdbwd" in b]
-    big = max(blocks, key=lambda b: b["d"], default=None)
-    r = big and big["fwdbwd"]["ratio"]
-    out.append(row(f"block fwd+bwd MF / Pythia at d = {big['d'] if big else 1024} (c)", r, "<= 2x (stretch <= 1x)",
-                   None if r is None else r <= 2.0, None if r is None else r <= 1.0))
-    r = res["d"].get("ratios", {}).get("tiny/pythia-70m")
-    out.append(row("MF-tiny training tokens/s / pythia-70m (d)", r, ">= 0.8x", None if r is None else r >= 0.8))
-    ratios = res["e"].get("ratio_vs_hf", {})
-    r = min(ratios.values()) if ratios else None
-    out.append(row("MF-tiny batch-1 decode / fastest HF Pythia-70M static cache (e)", r, ">= 2x",
-                   None if r is None else r >= 2.0))
-    return out
+def _sync(s: Suite) -> None:
+    """Wait for the device: an asynchronous kernel error surfaces here, charged to the part that caused it."""
+    if s.dev.type == "cuda":
+        torch.cuda.synchronize(s.dev)
 
 
-def _figures(res: dict) -> list[str]:
-    """One line per measured figure (or error) of each part."""
-    def err(entry):
-        return f"{entry.get('error', {}).get('type')}: {entry.get('error', {}).get('message', '')[:200]}"
-
-    out, a, b = [], res["a"], res["b"]
-    for c in a.get("cases", []):
-        out.append(f"- a {c.get('dtype')} d={c.get('d')} {c.get('weighting')} {c.get('table_grad')}: " + (
-            f"max error {c['max_error']:.2e} (tol {c['tol']}) {'ok' if c['ok'] else 'FAIL'}" if "errors" in c
-            else err(c)))
-    out += [f"- a {k}: {a[k]}"[:600] for k in ("opcheck", "compile") if k in a]
-    if "fwd" in b:
-        out.append(f"- b layer d={b['d']} N={b['n']}: fwd {b['fwd']['memory_layer_s'] * 1e6:.0f} us = "
-                   f"{b['fwd']['ratio']:.2f}x F.linear, {b['row_bytes_per_s'] / 1e12:.2f} TB/s of rows; fwd+bwd "
-                   f"{b['fwdbwd']['memory_layer_s'] * 1e6:.0f} us = {b['fwdbwd']['ratio']:.2f}x")
-    for blk in res["c"].get("blocks", []):
-        fb, h100 = blk.get("fwdbwd"), H100_EBAG_FWDBWD.get(blk.get("d"))
-        out.append(f"- c block {blk['mf']}: " + (
-            f"d={blk['d']}, MF / Pythia fwd {blk['fwd']['ratio']:.2f}x, fwd+bwd {fb['ratio']:.2f}x "
-            f"({fb['memoryformer_s'] * 1e3:.2f} / {fb['pythia_s'] * 1e3:.2f} ms)"
-            + (f"; with embedding_bag on an H100: {h100}x" if h100 else "") if fb else err(blk)))
-    for name, v in res["d"].get("models", {}).items():
-        out.append(f"- d training {name}: " + (f"{v['tokens_per_s']:,.0f} tokens/s, {v['step_s'] * 1e3:.1f} ms/step, "
-                   f"peak {v['peak_memory_gb']} GB" if "tokens_per_s" in v else err(v)))
-    out += [f"- e decode {k}: {v:,.1f} tokens/s" + (" (HF on an H100 earlier: 255)" if k.startswith("hf") else "")
-            for k, v in res["e"].get("tokens_per_s", {}).items()]
-    if res["f"].get("sweep"):
-        out.append(f"- f best tiles {res['f']['best_tiles']} (default {res['f']['default_tiles']})")
-        out += [f"- f {k}: " + ", ".join(f"{n} {t * 1e6:.0f} us" for n, t in v.items())
-                for k, v in res["f"]["sweep"].items()]
-    return out
-
-
-def _summary(data: dict) -> str:
-    m, word = data["meta"], {True: "met", False: "not met", None: "not measured"}
-    out = [f"# MemoryFormer GPU suite{' (dry run: CPU, Triton interpreter, tiny shapes)' * m['dry_run']}", "",
-           f"- device: **{m['device']}**" + (f" ({m['gpu_memory_gb']} GB)" if "gpu_memory_gb" in m else "")
-           + f"; torch {m['torch']} (CUDA {m['cuda']}), "
-           f"triton {m['triton']}, transformers {m['transformers']}, python {m['python']}",
-           f"- {m['date']}; `{m['command']}`", f"- {m['load_start']} at start, {m.get('load_end', 'n/a')} at end; "
-           f"{data.get('elapsed_s')} s of a {m['time_budget_s']:.0f} s budget", "",
-           "| target | measured | goal | status |", "|---|---|---|---|"]
-    out += [f"| {t['target']} | {t['measured']} | {t['goal']} | {word[t['met']]}"
-            + (f" (stretch {word[t['stretch']]})" if "stretch" in t else "") + " |" for t in data["targets"]]
-    out += ["", "| part | status | seconds | error |", "|---|---|---|---|"]
-    for k, p in data["parts"].items():
-        e = p.get("error", {})
-        out.append(f"| {k} {p['name']} | {p['status']} | {p.get('seconds', 0):.1f} | "
-                   f"{e.get('type', '')} {e.get('message', '')[:150]} |")
-    out += ["", "## Figures", ""] + _figures({k: _get(data, "parts", k, "results") or {} for k in PARTS})
-    out += ["", "## Skipped by the time guard", ""] + [f"- {x}" for x in data["skipped"]] if data["skipped"] else []
-    return "\n".join(out) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def run_part(s: Suite, key: str, fn) -> None:
+def run_part(s: Suite, key: str) -> str:
     rec = s.data["parts"][key] = dict(name=PARTS[key], status="running", results={})
-    if not s.fits(s.size["est"][key], f"part {key} ({PARTS[key]})"):
+    s.issues = 0
+    if not s.fits(s.size["est"][FIRST[key]], f"part {key} ({PARTS[key]})", key):
         rec["status"] = "skipped"
         s.save()
-        return
+        return rec["status"]
     s.log(f"part {key} ({PARTS[key]}) ...")
     t = time.monotonic()
     try:
-        fn(s, rec["results"])
-        rec["status"] = "ok"
+        FNS[key](s, rec["results"])
+        _sync(s)
+        rec["status"] = "partial" if s.issues else "ok"
+    except OutOfTime as e:
+        rec.update(status="stopped", error=error(e))
     except Exception as e:
-        rec.update(status="error", error=_error(e))
-        s.log(f"part {key} failed: {type(e).__name__}: {str(e)[:300]}")
+        rec.update(status="error", error=error(e))
+        if cuda_fatal(e):
+            s.fatal = e
     rec["seconds"] = time.monotonic() - t
-    _free()
+    if s.poisoned():
+        rec["cuda_error"] = f"{type(s.fatal).__name__}: {str(s.fatal)[:500]}"
+    else:
+        free()
     s.save()
-    s.log(f"part {key} {rec['status']} in {rec['seconds']:.1f} s")
+    s.log(f"part {key} {rec['status']} in {rec['seconds']:.1f} s"
+          + (f": {rec['error']['type']}: {rec['error']['message'][:300]}" if "error" in rec else ""))
+    return rec["status"]
+
+
+def _restart(s: Suite, after: str, rest: list[str]) -> dict:
+    """The CUDA context is poisoned: replace this process (freeing its context and memory) by a fresh one that
+    runs the remaining parts and merges them into the same files."""
+    left = s.left()
+    s.data["restarts"].append(dict(after=after, parts=rest, reason=f"{type(s.fatal).__name__}: {str(s.fatal)[:300]}"))
+    if left < 10:
+        for k in rest:
+            s.data["skipped"].append(dict(part=k, what=f"part {k} ({PARTS[k]}) after a CUDA error", need_s=10,
+                                          left_s=round(max(left, 0))))
+        s.save()
+        return s.data
+    s.save()
+    cmd = [sys.executable, os.path.abspath(__file__), "--out", str(s.out), "--parts", ",".join(rest),
+           "--merge", str(s.out / "suite.json"), "--time-budget", f"{left:.0f}"] + ["--dry-run"] * s.args.dry_run
+    s.log(f"CUDA error in part {after}: parts {','.join(rest)} continue in a fresh process")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+    return s.data  # not reached
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for suite.json and summary.md")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
-    p.add_argument("--time-budget", type=float, default=450.0, help="seconds; parts that would not fit are skipped")
+    p.add_argument("--time-budget", type=float, default=340.0,
+                   help="seconds from the start; what would not fit is skipped, and the run stops when it is spent")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated letters (default a,b,c,d,e,f)")
+    p.add_argument("--merge", default=None, help="an earlier suite.json to start from (its other parts are kept)")
     args = p.parse_args(argv)
     keys = [k.strip() for k in args.parts.split(",") if k.strip()]
     bad = [k for k in keys if k not in PARTS]
     if bad:
         p.error(f"--parts: unknown part {bad[0]!r} (valid: {', '.join(PARTS)})")
+    keys = [k for k in PARTS if k in keys]  # always in the suite's order
+    if args.merge and not Path(args.merge).is_file():
+        p.error(f"--merge: no such file {args.merge!r} (expected an earlier run's suite.json)")
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         if "triton" in sys.modules:
             p.error("--dry-run: triton was imported before TRITON_INTERPRET=1 could be set; run the script directly")
@@ -250,12 +194,27 @@ def main(argv=None) -> dict:
     if not args.dry_run and not torch.cuda.is_available():
         p.error("no CUDA device: run on a GPU, or pass --dry-run for the CPU check")
     device = torch.device("cpu" if args.dry_run else "cuda")
-    s = Suite(args, DRY if args.dry_run else GPU, device)
-    s.log(f"{s.data['meta']['device']}; torch {torch.__version__}, triton {s.data['meta']['triton']}; {load()}")
-    fns = dict(a=part_correctness, b=part_layer, c=part_block, d=part_training, e=part_decode, f=part_tiles)
-    for k in keys:
-        run_part(s, k, fns[k])
-    s.data["meta"]["load_end"] = load()
+    s = Suite(args, DRY if args.dry_run else GPU, device, START, _data(args, device, keys))
+    m = s.data["runs"][-1]
+    s.log(f"{m['device']}; torch {torch.__version__}, triton {m['triton']}; {m['load_start']}; parts {','.join(keys)}")
+    poisoned_at = None
+    with s.alarm():
+        for i, k in enumerate(keys):
+            try:
+                status = run_part(s, k)
+            except OutOfTime:  # rang between a part's own guard and its bookkeeping
+                status = "stopped"
+            if s.poisoned():
+                poisoned_at = i
+                break
+            if status == "stopped":
+                for rest in keys[i + 1:]:
+                    s.data["parts"][rest] = dict(name=PARTS[rest], status="skipped", results={})
+                    s.data["skipped"].append(dict(part=rest, what=f"part {rest} ({PARTS[rest]})", need_s=0, left_s=0))
+                break
+    if poisoned_at is not None and keys[poisoned_at + 1:]:  # the alarm is off: the child keeps its own
+        return _restart(s, keys[poisoned_at], keys[poisoned_at + 1:])
+    s.data["runs"][-1]["load_end"] = load()
     s.save()
     s.log(f"done; wrote {s.out / 'suite.json'} and {s.out / 'summary.md'}")
     return s.data

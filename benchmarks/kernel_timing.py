@@ -100,13 +100,13 @@ def triton_hash_fusion(enabled: bool):
     if enabled:
         yield
         return
-    from memoryformer.ops import triton_kernels
+    from memoryformer.ops import triton_backend
 
-    triton_kernels.FUSE_HASH = False
+    triton_backend.register(fuse_hash=False)
     try:
         yield
     finally:
-        triton_kernels.FUSE_HASH = True
+        triton_backend.register()
 
 
 def fmt_time(s: float) -> str:

@@ -274,17 +274,13 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    tiles = {"fwd_tile": ("FWD_BLOCK_N", "FWD_BLOCK_H"), "bwd_tile": ("BWD_BLOCK_N", "BWD_BLOCK_H"),
-             "seg_tile": ("SEG_BLOCK_T", "SEG_BLOCK_H")}
-    if any(getattr(args, k) for k in tiles) or args.table_grad:
-        from memoryformer.ops import triton_kernels
+    config = {k.removesuffix("_tile"): tuple(int(v) for v in getattr(args, k).lower().split("x"))
+              for k in ("fwd_tile", "bwd_tile", "seg_tile") if getattr(args, k)}
+    config.update(dict(table_grad=args.table_grad) if args.table_grad else {})
+    if config:
+        from memoryformer.ops import triton_backend
 
-        for k, names in tiles.items():
-            if getattr(args, k):
-                for name, v in zip(names, getattr(args, k).lower().split("x")):
-                    setattr(triton_kernels, name, int(v))
-        if args.table_grad:
-            triton_kernels.TABLE_GRAD = args.table_grad
+        triton_backend.register(**config)  # the "triton" backend with these kernels (eager)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     args.tokens = args.tokens or ([1, 16, 16384] if device.type == "cuda" else [1, 16, 2048])
     sections = args.section or (["layer"] if device.type == "cuda" else ["layer", "latency"])
@@ -292,8 +288,9 @@ def main(argv=None):
     if device.type == "cuda" or "triton" in " ".join(args.backends or []):
         from memoryformer.ops import triton_kernels as tk
 
-        out.insert(-1, f"- Triton tiles: forward {tk.FWD_BLOCK_N}x{tk.FWD_BLOCK_H}, grad-weights "
-                       f"{tk.BWD_BLOCK_N}x{tk.BWD_BLOCK_H}, table grad {tk.TABLE_GRAD} {tk.SEG_BLOCK_T}x{tk.SEG_BLOCK_H}")
+        c = tk.KernelConfig(**config)
+        out.insert(-1, f"- Triton tiles: forward {c.fwd[0]}x{c.fwd[1]}, grad-weights "
+                       f"{c.bwd[0]}x{c.bwd[1]}, table grad {c.table_grad} {c.seg[0]}x{c.seg[1]}")
     print("\n".join(out), flush=True)
     if "layer" in sections:
         out += bench_layers(args, device, dtype)

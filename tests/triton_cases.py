@@ -7,7 +7,6 @@ Run directly: `TRITON_INTERPRET=1 python tests/triton_cases.py` prints one JSON 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import traceback
@@ -26,31 +25,29 @@ def _close(got, want, dtype, what):
     assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]} ({dtype})"
 
 
-@contextlib.contextmanager
-def table_grad(mode: str):
-    """Run with the Triton table gradient `mode` ("sorted" / "atomic"), restoring the module's setting after."""
-    from memoryformer.ops import triton_kernels
-
-    old, triton_kernels.TABLE_GRAD = triton_kernels.TABLE_GRAD, mode
-    try:
-        yield
-    finally:
-        triton_kernels.TABLE_GRAD = old
-
-
 def _check_lookup(device, dtype, mode, **kw):
-    with table_grad(mode):
-        _check_lookup_now(device, dtype, **kw)
+    _check_lookup_now(device, dtype, table_grad=mode, **kw)
 
 
-def _check_lookup_now(device, dtype, N=37, K=3, R=16, h=40, lead=None, code_dtype=torch.int64):
+def _lookup(codes, w, T, table_grad="sorted", config=None):
+    """The registered op (default kernels) or, for another table gradient or tiles, the configured eager path."""
+    from memoryformer.ops import triton_kernels as tk
+
+    config = config or tk.KernelConfig(table_grad=table_grad)
+    if config == tk.DEFAULT:
+        return memory_lookup(codes, w, T, backend="triton")
+    return tk.lookup(codes, w, T, config)
+
+
+def _check_lookup_now(device, dtype, N=37, K=3, R=16, h=40, lead=None, code_dtype=torch.int64, table_grad="sorted",
+                      config=None):
     g = torch.Generator().manual_seed(N * 7 + K)
     shape = lead or (N,)
     codes = torch.randint(0, R, (*shape, K), generator=g).to(code_dtype).to(device)
     wdt = torch.float64 if dtype == torch.float64 else torch.float32
     w = torch.rand(*shape, K, generator=g, dtype=wdt).to(device).requires_grad_()
     T = torch.randn(K, R, h, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
-    y = memory_lookup(codes, w, T, backend="triton")
+    y = _lookup(codes, w, T, table_grad, config)
     assert y.dtype == dtype and y.shape == (*shape, h)
     ref = lookup_reference(codes.long(), w.double(), T.double())
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
@@ -135,11 +132,10 @@ def case_sorted_is_deterministic(device):
     w = torch.rand(50, 2, generator=g).to(device)
     T = torch.randn(2, 4, 16, generator=g).to(device).requires_grad_()
     grads = []
-    with table_grad("sorted"):
-        for _ in range(2):
-            y = memory_lookup(codes, w, T, backend="triton")
-            (gt,) = torch.autograd.grad(y, [T], torch.ones_like(y))
-            grads.append(gt)
+    for _ in range(2):
+        y = memory_lookup(codes, w, T, backend="triton")
+        (gt,) = torch.autograd.grad(y, [T], torch.ones_like(y))
+        grads.append(gt)
     assert torch.equal(grads[0], grads[1])
 
 
@@ -228,6 +224,76 @@ def case_gradcheck(device):
     w = torch.rand(4, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
     T = torch.randn(2, 4, 3, generator=g, dtype=torch.float64).to(device).requires_grad_()
     assert torch.autograd.gradcheck(triton_kernels.lookup_op, (codes, w, T), fast_mode=True)
+
+
+def case_hash_codes_exact(device):
+    """The fused kernel's codes are chunk_hash's, bit for bit, at every tau the presets use (8; 10 in the Memory
+    Block's second layer) and at the extremes: bit weights are integer shifts, not float powers of two."""
+    from memoryformer.ops import chunk_hash, triton_kernels
+
+    g = torch.Generator().manual_seed(7)
+    for tau in (1, 3, 8, 10, 16):
+        x = torch.randn(70, 2 * tau, generator=g)
+        x[0] = 0.0  # sign(0) = +1
+        x[1] = -1.0  # the all-zeros code
+        x[2] = 1.0  # the all-ones code, 2**tau - 1
+        T = torch.zeros(2, 2**tau, 1)
+        _, codes, w = triton_kernels.layer_op(x.to(device), T.to(device), tau, False, 1.0)
+        want, want_w = chunk_hash(x.double(), tau, weighting="paper")
+        assert torch.equal(codes.cpu().long(), want), f"tau={tau}: codes differ from chunk_hash"
+        assert int(codes[2, 0]) == 2**tau - 1 and int(codes[1, 0]) == 0
+        _close(w.cpu(), want_w, torch.float32, f"tau={tau} weights")
+
+
+def case_outputs_poisoned_before_the_kernels(device):
+    """Every output element is written: torch.empty fills with NaN under deterministic mode, so an unwritten tile
+    (or partial-sum slot) shows up as NaN instead of passing on whatever the allocator left there."""
+    from memoryformer.ops import triton_kernels
+
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(4, device=device)).all()  # the poisoning is on
+        for tau, h in ((4, 150), (3, 1)):
+            _check_fused_layer(device, tau, "release", 1.0, lead=(3, 23))
+            _check_lookup_now(device, torch.float32, N=45, K=2, R=8, h=h)
+            _check_lookup_now(device, torch.float32, N=45, K=2, R=8, h=h, table_grad="atomic")
+        x = torch.randn(33, 12, device=device, requires_grad=True)
+        T = torch.randn(3, 16, 70, device=device, requires_grad=True)
+        y = triton_kernels.layer_forward(x, T, None, tau=4, weighting="paper", temperature=1.0)
+        gx, gt = torch.autograd.grad(y, [x, T], torch.ones_like(y))
+        assert all(bool(torch.isfinite(t).all()) for t in (y, gx, gt))
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        torch.utils.deterministic.fill_uninitialized_memory = old[1]
+
+
+def case_configured_kernels(device):
+    """Non-default tiles and the atomic scatter through the eager path, lookup and fused layer."""
+    from memoryformer.ops import triton_kernels as tk
+
+    cfg = tk.KernelConfig(fwd=(16, 32), bwd=(16, 64), seg=(8, 32), table_grad="atomic")
+    _check_lookup_now(device, torch.float64, N=40, K=2, R=4, h=70, config=cfg)
+    _check_lookup_now(device, torch.float64, N=40, K=2, R=4, h=70, config=cfg._replace(table_grad="sorted"))
+    torch.manual_seed(2)
+    ref = MemoryLayer(8, 70, tau=4, backend="reference", dtype=torch.float64).to(device)
+    x = torch.randn(41, 8, dtype=torch.float64, device=device, requires_grad=True)
+    T = ref.tables.detach().clone().requires_grad_()
+    y = tk.layer_forward(x, T, ref.bias, tau=4, weighting=ref.weighting, temperature=1.0, config=cfg)
+    y_ref = ref(x)
+    gy = torch.randn_like(y)
+    got, want = torch.autograd.grad(y, [x, T], gy), torch.autograd.grad(y_ref, [x, ref.tables], gy)
+    _close(y, y_ref, torch.float64, "configured layer output")
+    for a, b in zip(got, want):
+        _close(a, b, torch.float64, "configured layer grads")
+    try:
+        tk.backward(gy, torch.zeros(41, 2, dtype=torch.long, device=device), x[:, :2], T, False, True,
+                    cfg._replace(table_grad="scatter"))
+    except ValueError as e:
+        assert "table_grad" in str(e)
+    else:
+        raise AssertionError("an unknown table_grad was accepted")
 
 
 CASES = {name: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}

@@ -14,14 +14,20 @@ while staging a table tile on chip and using `tl.gather` was 20-70x slower. Accu
   host (no atomics, deterministic).
 * grad_tables: the (n, k) pairs are sorted by row (stable), then one program per (row, output tile) sums its
   segment of w * g: each table row is written once, deterministic, and it moves the same bytes as the forward.
-  `TABLE_GRAD = "atomic"` switches to a float32 atomic-add scatter: no sort, but not deterministic, and contended
-  (each row is hit ~N/2**tau times; on an H100 it took 5x the forward).
+  `KernelConfig(table_grad="atomic")` uses a float32 atomic-add scatter instead: no sort, but not deterministic, and
+  contended (each row is hit ~N/2**tau times; on an H100 it took 5x the forward).
 * the whole layer (`layer_forward`): the hash is computed inside the gather kernel (each output tile recomputes it:
   tau exponentials per 64-wide row slice) and its input gradient in one small kernel, instead of ~10
-  PyTorch elementwise passes over the (N, K*tau) input. `FUSE_HASH = False` restores the unfused path.
+  PyTorch elementwise passes over the (N, K*tau) input.
+
+Tiles and the table-gradient method are arguments (`KernelConfig`), never module state: the registered
+`torch.library` ops run the defaults (what `torch.compile` traces), and `lookup(..., config)` / `layer_forward(...,
+config=...)` run any other choice eagerly (tile sweeps, the atomic scatter) through a plain autograd.Function.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,12 +37,18 @@ from torch.library import triton_op, wrap_triton
 from memoryformer.ops.library import define_lookup_op, flat_call
 from memoryformer.ops.reference import chunk_hash, result_dtype, row_scales
 
-TABLE_GRAD = "sorted"  # or "atomic"
-FUSE_HASH = True  # False: `layer_forward` runs chunk_hash in PyTorch, then the lookup kernels (for comparison)
 
-FWD_BLOCK_N, FWD_BLOCK_H = 32, 64
-BWD_BLOCK_N, BWD_BLOCK_H = 32, 128
-SEG_BLOCK_T, SEG_BLOCK_H = 16, 128
+
+class KernelConfig(NamedTuple):
+    """Tiles (tokens x output dims per program) of each kernel and the table-gradient method."""
+
+    fwd: tuple[int, int] = (32, 64)  # forward gather (and the fused hash + gather)
+    bwd: tuple[int, int] = (32, 128)  # grad-weights partial dot products (and the atomic scatter)
+    seg: tuple[int, int] = (16, 128)  # sorted table gradient: pairs per step x output dims
+    table_grad: str = "sorted"  # or "atomic"
+
+
+DEFAULT = KernelConfig()
 
 
 @triton.jit
@@ -123,22 +135,26 @@ def _is_f64(*ts: torch.Tensor) -> bool:
     return any(t.dtype == torch.float64 for t in ts)
 
 
-def forward(codes: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+def forward(codes: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, config: KernelConfig = DEFAULT
+            ) -> torch.Tensor:
     """codes (N, K), weights (N, K), tables (K, R, h) contiguous -> (N, h)."""
     N, K = codes.shape
     R, H = tables.shape[1], tables.shape[2]
     out = torch.empty(N, H, device=tables.device, dtype=result_dtype(weights, tables))
     if N == 0:
         return out
-    grid = (triton.cdiv(N, FWD_BLOCK_N), triton.cdiv(H, FWD_BLOCK_H))
-    wrap_triton(_forward_kernel)[grid](
-        codes, weights, tables, out, N, H, R, K=K, BLOCK_N=FWD_BLOCK_N, BLOCK_H=FWD_BLOCK_H,
+    bn, bh = config.fwd
+    wrap_triton(_forward_kernel)[(triton.cdiv(N, bn), triton.cdiv(H, bh))](
+        codes, weights, tables, out, N, H, R, K=K, BLOCK_N=bn, BLOCK_H=bh,
         F64=_is_f64(weights, tables),
     )
     return out
 
 
-def backward(grad, codes, weights, tables, need_weights: bool, need_tables: bool):
+def backward(grad, codes, weights, tables, need_weights: bool, need_tables: bool, config: KernelConfig = DEFAULT):
+    """(grad_weights (N, K) or empty, grad_tables (K, R, h) or empty) of the forward's output gradient `grad`."""
+    if config.table_grad not in ("sorted", "atomic"):
+        raise ValueError(f"table_grad: expected 'sorted' or 'atomic', got {config.table_grad!r}")
     N, K = codes.shape
     R, H = tables.shape[1], tables.shape[2]
     f64 = _is_f64(grad, weights, tables)
@@ -147,18 +163,13 @@ def backward(grad, codes, weights, tables, need_weights: bool, need_tables: bool
     gt = tables.new_empty((0,))
     if N == 0:
         return (torch.zeros_like(weights) if need_weights else gw), (torch.zeros_like(tables) if need_tables else gt)
+    bn, bh = config.bwd
     if need_weights:
-        tiles = triton.cdiv(H, BWD_BLOCK_H)
-        part = torch.empty(tiles, K, N, device=dev, dtype=torch.float64 if f64 else torch.float32)
-        wrap_triton(_grad_weights_kernel)[(triton.cdiv(N, BWD_BLOCK_N), tiles)](
-            codes, grad, tables, part, N, H, R, K=K, BLOCK_N=BWD_BLOCK_N, BLOCK_H=BWD_BLOCK_H, F64=f64,
-        )
-        gw = part.sum(0).t().to(weights.dtype).contiguous()  # (N, K)
-    if need_tables and TABLE_GRAD == "atomic":
+        gw = _grad_weight_parts(grad, codes, tables, f64, config).sum(0).t().to(weights.dtype).contiguous()  # (N, K)
+    if need_tables and config.table_grad == "atomic":
         acc = torch.zeros(K, R, H, device=dev, dtype=torch.float64 if f64 else torch.float32)
-        grid = (triton.cdiv(N, BWD_BLOCK_N), triton.cdiv(H, BWD_BLOCK_H))
-        wrap_triton(_grad_tables_atomic_kernel)[grid](
-            codes, weights, grad, acc, N, H, R, K=K, BLOCK_N=BWD_BLOCK_N, BLOCK_H=BWD_BLOCK_H,
+        wrap_triton(_grad_tables_atomic_kernel)[(triton.cdiv(N, bn), triton.cdiv(H, bh))](
+            codes, weights, grad, acc, N, H, R, K=K, BLOCK_N=bn, BLOCK_H=bh,
         )
         gt = acc.to(tables.dtype)
     elif need_tables:
@@ -168,14 +179,52 @@ def backward(grad, codes, weights, tables, need_weights: bool, need_tables: bool
         starts = torch.searchsorted(rows, torch.arange(K * R + 1, device=dev, dtype=torch.int32), out_int32=True)
         wt = weights.t().contiguous()  # (K, N): w of pair p at wt[p]
         gt = torch.empty(K, R, H, device=dev, dtype=tables.dtype)
-        wrap_triton(_grad_tables_sorted_kernel)[(K * R, triton.cdiv(H, SEG_BLOCK_H))](
-            order, starts, wt, grad, gt, N, H, BLOCK_T=SEG_BLOCK_T, BLOCK_H=SEG_BLOCK_H, F64=f64,
+        st, sh = config.seg
+        wrap_triton(_grad_tables_sorted_kernel)[(K * R, triton.cdiv(H, sh))](
+            order, starts, wt, grad, gt, N, H, BLOCK_T=st, BLOCK_H=sh, F64=f64,
         )
     return gw, gt
 
 
+def _grad_weight_parts(grad, codes, tables, f64: bool, config: KernelConfig) -> torch.Tensor:
+    """(output tiles, K, N) partial dot products <g[n, tile], T[k, c[n, k], tile]>; their sum over tiles is dL/dw."""
+    N, K = codes.shape
+    R, H = tables.shape[1], tables.shape[2]
+    bn, bh = config.bwd
+    tiles = triton.cdiv(H, bh)
+    part = torch.empty(tiles, K, N, device=tables.device, dtype=torch.float64 if f64 else torch.float32)
+    wrap_triton(_grad_weights_kernel)[(triton.cdiv(N, bn), tiles)](
+        codes, grad, tables, part, N, H, R, K=K, BLOCK_N=bn, BLOCK_H=bh, F64=f64,
+    )
+    return part
+
+
 lookup_op = define_lookup_op("lookup_triton", forward, backward, triton=True)
-lookup = flat_call(lookup_op)
+_flat_lookup = flat_call(lookup_op)
+
+
+class _ConfiguredLookup(torch.autograd.Function):
+    """The lookup with a non-default `KernelConfig`, eager only (the registered op runs the defaults)."""
+
+    @staticmethod
+    def forward(ctx, codes, weights, tables, config):
+        ctx.save_for_backward(codes, weights, tables)
+        ctx.config = config
+        return forward(codes, weights, tables, config)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, weights, tables = ctx.saved_tensors
+        need_w, need_t = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        gw, gt = backward(grad.contiguous(), codes, weights, tables, need_w, need_t, ctx.config)
+        return None, gw if need_w else None, gt if need_t else None, None
+
+
+def lookup(codes: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, config: KernelConfig = DEFAULT):
+    """The backend call: (..., K) codes and weights -> (..., h)."""
+    if config == DEFAULT:
+        return _flat_lookup(codes, weights, tables)
+    return flat_call(lambda c, w, t: _ConfiguredLookup.apply(c, w, t, config))(codes, weights, tables)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,7 +261,9 @@ def _layer_forward_kernel(
     b = tl.arange(0, TAU_P2)
     mn, mh, mb = n < N, j < H, b < TAU
     m2 = mn[:, None] & mh[None, :]
-    place = tl.where(mb, tl.exp2((TAU - 1 - b).to(tl.float32)), 0.0).to(tl.int32)  # MSB first, as chunk_hash
+    # Bit weights 2**(tau-1-b), MSB first as chunk_hash, as integer shifts: a float exp2 may round just below 2**j
+    # on a GPU and truncate to the wrong code.
+    place = tl.where(mb, tl.full((TAU_P2,), 1, tl.int32) << tl.where(mb, TAU - 1 - b, 0), 0)
     save = mn & ((n * 0 + pid_h) == 0)  # one program per token tile writes the hash for the backward
     acc = tl.zeros((BLOCK_N, BLOCK_H), acc_t)
     for k in range(K):
@@ -263,10 +314,7 @@ def _layer_consts(tau: int, temperature: float):
     return dict(TAU=tau, TAU_P2=triton.next_power_of_2(tau)), 2.0 / temperature
 
 
-@triton_op("memoryformer::layer_triton", mutates_args=())
-def layer_op(
-    x: torch.Tensor, tables: torch.Tensor, tau: int, code_weighting: bool, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layer_fused(x, tables, tau: int, code_weighting: bool, temperature: float, config: KernelConfig = DEFAULT):
     """x (N, K*tau), tables (K, R, h) -> (y (N, h), codes (N, K) int32, weights (N, K) fp32/fp64)."""
     N = x.shape[0]
     K, R, H = tables.shape
@@ -276,11 +324,38 @@ def layer_op(
     w = torch.empty(N, K, device=x.device, dtype=torch.float64 if f64 else torch.float32)
     if N:
         consts, inv_t2 = _layer_consts(tau, temperature)
-        wrap_triton(_layer_forward_kernel)[(triton.cdiv(N, FWD_BLOCK_N), triton.cdiv(H, FWD_BLOCK_H))](
-            x, tables, y, codes, w, N, H, R, inv_t2, K=K, CODE_W=code_weighting,
-            BLOCK_N=FWD_BLOCK_N, BLOCK_H=FWD_BLOCK_H, F64=f64, **consts,
+        bn, bh = config.fwd
+        wrap_triton(_layer_forward_kernel)[(triton.cdiv(N, bn), triton.cdiv(H, bh))](
+            x, tables, y, codes, w, N, H, R, inv_t2, K=K, CODE_W=code_weighting, BLOCK_N=bn, BLOCK_H=bh, F64=f64,
+            **consts,
         )
     return y, codes, w
+
+
+def layer_input_grad(grad, x, codes, tables, tau: int, code_weighting: bool, temperature: float,
+                     config: KernelConfig = DEFAULT) -> torch.Tensor:
+    """dL/dx (N, K*tau) of the fused layer (Eq. 12 through the hash weights)."""
+    N = x.shape[0]
+    K = tables.shape[0]
+    f64 = _is_f64(x, tables, grad)
+    gx = torch.empty_like(x)
+    if N == 0:
+        return gx
+    part = _grad_weight_parts(grad, codes, tables, f64, config)
+    consts, inv_t2 = _layer_consts(tau, temperature)
+    bn = config.bwd[0]
+    wrap_triton(_layer_input_grad_kernel)[(triton.cdiv(N, bn), K)](
+        x, part, gx, N, inv_t2, K=K, CODE_W=code_weighting, TILES=part.shape[0], BLOCK_N=bn, F64=f64, **consts,
+    )
+    return gx
+
+
+@triton_op("memoryformer::layer_triton", mutates_args=())
+def layer_op(
+    x: torch.Tensor, tables: torch.Tensor, tau: int, code_weighting: bool, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`layer_fused` at the default tiles, as a custom op (torch.compile traces it without a graph break)."""
+    return layer_fused(x, tables, tau, code_weighting, temperature)
 
 
 @triton_op("memoryformer::layer_triton_input_grad", mutates_args=())
@@ -288,22 +363,7 @@ def _input_grad_op(
     grad: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, tau: int, code_weighting: bool,
     temperature: float,
 ) -> torch.Tensor:
-    N = x.shape[0]
-    K, R, H = tables.shape
-    f64 = _is_f64(x, tables, grad)
-    gx = torch.empty_like(x)
-    if N == 0:
-        return gx
-    tiles = triton.cdiv(H, BWD_BLOCK_H)
-    part = torch.empty(tiles, K, N, device=x.device, dtype=torch.float64 if f64 else torch.float32)
-    wrap_triton(_grad_weights_kernel)[(triton.cdiv(N, BWD_BLOCK_N), tiles)](
-        codes, grad, tables, part, N, H, R, K=K, BLOCK_N=BWD_BLOCK_N, BLOCK_H=BWD_BLOCK_H, F64=f64,
-    )
-    consts, inv_t2 = _layer_consts(tau, temperature)
-    wrap_triton(_layer_input_grad_kernel)[(triton.cdiv(N, BWD_BLOCK_N), K)](
-        x, part, gx, N, inv_t2, K=K, CODE_W=code_weighting, TILES=tiles, BLOCK_N=BWD_BLOCK_N, F64=f64, **consts,
-    )
-    return gx
+    return layer_input_grad(grad, x, codes, tables, tau, code_weighting, temperature)
 
 
 @layer_op.register_fake
@@ -340,16 +400,39 @@ def _layer_backward(ctx, grad, _grad_codes, _grad_w):
 layer_op.register_autograd(_layer_backward, setup_context=_layer_setup)
 
 
-def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: float, scale=None) -> torch.Tensor:
+class _ConfiguredLayer(torch.autograd.Function):
+    """The fused layer with a non-default `KernelConfig`, eager only (the registered op runs the defaults)."""
+
+    @staticmethod
+    def forward(ctx, x, tables, tau, code_weighting, temperature, config):
+        y, codes, w = layer_fused(x, tables, tau, code_weighting, temperature, config)
+        ctx.save_for_backward(x, tables, codes, w)
+        ctx.args = (tau, code_weighting, temperature, config)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, tables, codes, w = ctx.saved_tensors
+        tau, code_weighting, temperature, config = ctx.args
+        grad = grad.contiguous()
+        gx = gt = None
+        if ctx.needs_input_grad[0]:
+            gx = layer_input_grad(grad, x, codes, tables, tau, code_weighting, temperature, config)
+        if ctx.needs_input_grad[1]:
+            _, gt = backward(grad, codes, w, tables, False, True, config)
+        return gx, gt, None, None, None, None
+
+
+def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: float, scale=None,
+                  config: KernelConfig = DEFAULT) -> torch.Tensor:
     """`memory_lookup(*chunk_hash(x, tau, ...), tables, bias)` with the hash inside the gather kernel."""
-    if scale is not None or not FUSE_HASH:  # int8 inference tables: the unfused path folds the row scales
+    if scale is not None:  # int8 inference tables: the unfused path folds the row scales into the weights
         codes, w = chunk_hash(x, tau, weighting=weighting, temperature=temperature)
-        if scale is not None:
-            w = w * row_scales(scale, codes)
-        y = lookup(codes, w, tables)
+        y = lookup(codes, w * row_scales(scale, codes), tables, config)
     else:
         lead, h = x.shape[:-1], tables.shape[2]
-        y, _, _ = layer_op(x.reshape(-1, x.shape[-1]).contiguous(), tables.contiguous(), tau, weighting == "release",
-                           float(temperature))
+        args = (x.reshape(-1, x.shape[-1]).contiguous(), tables.contiguous(), tau, weighting == "release",
+                float(temperature))
+        y = layer_op(*args)[0] if config == DEFAULT else _ConfiguredLayer.apply(*args, config)
         y = y.reshape(*lead, h)
     return y if bias is None else y + bias
