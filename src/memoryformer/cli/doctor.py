@@ -61,6 +61,17 @@ def _gpu() -> list[str]:
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         lines.append(f"  cuda:{i} {p.name}, {p.total_memory / 2**30:.0f} GiB, compute {p.major}.{p.minor}")
+    try:
+        from memoryformer.ops import triton_backend
+    except ImportError as e:
+        return [*lines, f"Triton: unavailable ({e}); layers use F.embedding_bag"]
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            why = triton_backend.self_check("cuda:0", dtype, warn=False)
+        except Exception as e:  # noqa: BLE001 - a compile error is a verdict too
+            why = f"{type(e).__name__}: {e}"
+        verdict = "agrees with F.embedding_bag" if why is None else f"NOT trusted ({why}); F.embedding_bag runs"
+        lines.append(f"Triton self-check, {str(dtype).removeprefix('torch.')} tables on cuda:0: {verdict}")
     return lines
 
 
