@@ -124,3 +124,29 @@ def test_relative_links_point_at_files(doc):
                if "://" not in target and not target.startswith("mailto:")
                and not (doc.parent / target).exists()]
     assert not missing, f"{doc.relative_to(ROOT)} links to files that do not exist: {missing}"
+
+
+UNIT = r"(?:tokens/s|tok/s|[kMGT]?B|GiB|MiB|ms|µs|s|min|h|x|×|%|[kMBG])"
+FIGURE = re.compile(r"(?<![\w.$=/-])(\d[\d,]*\.\d+|\d{1,3}(?:,\d{3})+|\d+)(?:\s?" + UNIT + r")(?![\w/])")
+
+
+def figures_in(text: str) -> set[str]:
+    """Numbers with a unit ("176.3 tokens/s", "2.84x", "+0.066 %", "1,551 tokens/s") in the prose of a markdown file:
+    code blocks and inline code (commands, flags, defaults) left out."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    text = re.sub(r"\]\([^)]*\)", "]", text)  # link targets
+    return {m.group(1) for m in FIGURE.finditer(text)}
+
+
+def test_figures_are_found():
+    assert figures_in("decodes 176.3 tokens/s, 2.84x and +0.066 % (`--port 8000`); 1,551 tokens/s\n```\n9.9 s\n```") \
+        == {"176.3", "2.84", "0.066", "1,551"}
+
+
+def test_readme_figures_come_from_committed_results():
+    """Every measured figure the README quotes is in a file under benchmarks/results/ (docs/BENCHMARKS.md links
+    each to its file), so it cannot drift from what was measured."""
+    results = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "benchmarks" / "results").glob("*.md"))
+    missing = sorted(n for n in figures_in((ROOT / "README.md").read_text(encoding="utf-8")) if n not in results)
+    assert not missing, f"README figures found in no benchmarks/results/*.md: {missing}"
