@@ -44,22 +44,26 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     kernels, load_start = extensions_state(), load()
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", args.marker, *args.paths], cwd=ROOT, capture_output=True,
-                         text=True)
+    began = datetime.datetime.now(datetime.timezone.utc)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", args.marker, *args.paths], cwd=ROOT,
+                         capture_output=True, text=True)
     wall = time.perf_counter() - start
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9  # KiB on Linux
     summary = next((ln for ln in reversed(res.stdout.splitlines()) if " in " in ln and ("passed" in ln or
                                                                                         "failed" in ln)), "?")
-    out = {"wall_s": round(wall, 1), "peak_rss_gb": round(peak_gb, 2), "summary": summary.strip("= ")}
+    failed = [ln.split(" - ")[0].removeprefix("FAILED ") for ln in res.stdout.splitlines() if ln.startswith("FAILED ")]
+    out = {"wall_s": round(wall, 1), "peak_rss_gb": round(peak_gb, 2), "summary": summary.strip("= "),
+           "failed": failed}
     device = device_name(torch.device("cpu"))
     what = f"-m \"{args.marker}\"" + "".join(f" {p}" for p in args.paths)
     lines = [f"# Test suite cost: `pytest {what}`", "",
              f"- device: {device} ({os.cpu_count()} logical CPUs visible); torch {torch.__version__}",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+             f"- date: {began:%Y-%m-%d %H:%M UTC} (start)",
              f"- command: `python benchmarks/suite_cost.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
              f"- {load_start} at start, {load()} at end; {kernels}", "",
              "| suite | wall | peak RSS | pytest's summary |", "|---|---|---|---|",
-             f"| {what} | {out['wall_s']:.0f} s | {out['peak_rss_gb']:.2f} GB | {out['summary']} |"]
+             f"| {what} | {out['wall_s']:.0f} s | {out['peak_rss_gb']:.2f} GB | {out['summary']} |",
+             *([""] + [f"- failed: `{t}`" for t in failed] if failed else [])]
     print("\n".join(lines))
     if args.save:
         path = RESULTS / f"suite_cost_{slug(device)}_{datetime.date.today().isoformat()}.md"
