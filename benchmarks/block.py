@@ -66,7 +66,7 @@ def step_fn(block, x, mode, autocast, fuse_hash=True):
     return fwd_bwd
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dims", type=int, nargs="+", default=[512, 768, 1024])
@@ -81,7 +81,53 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=30.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--save", action="store_true", help="write benchmarks/results/kernels_block_<device>_<date>.md")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def build_blocks(d: int, args, backends: list[str], tdt: torch.dtype, device: torch.device):
+    """The Pythia block and one MemoryFormer block per backend (tables in `tdt`), compiled with --compile."""
+    mf_cfg, dense_cfg = configs(d, args.seq)
+    dense = build(dense_cfg, TransformerBlock, device)
+    mfs = {}
+    for b in backends:
+        blk = build(mf_cfg, MemoryFormerBlock, device)
+        for m in blk.modules():
+            if isinstance(m, MemoryLayer):
+                m.backend = b.removesuffix("-unfused")
+                m.tables.data = m.tables.data.to(tdt)
+        mfs[b] = torch.compile(blk) if args.compile else blk
+    if args.compile:
+        dense = torch.compile(dense)
+    return dense, mfs
+
+
+def time_pass(dense, mfs: dict, x: torch.Tensor, mode: str, args, autocast: bool) -> dict[str, float]:
+    """Seconds per pass of each block, interleaved; NaN for a backend that is unavailable or fails here."""
+    d, device = x.shape[-1], x.device
+    fns = {"pythia": step_fn(dense, x, mode, autocast)}
+    fns.update({b: step_fn(m, x, mode, autocast, fuse_hash=not b.endswith("-unfused")) for b, m in mfs.items()})
+    times = {}
+    for b, blk in mfs.items():  # an explicit backend that would fall back to another is not measured
+        layer = next(m for m in blk.modules() if isinstance(m, MemoryLayer))
+        with torch.set_grad_enabled(mode != "fwd"):
+            ran = layer.active_backend()
+        if ran != b.removesuffix("-unfused") and b != "auto":
+            print(f"  ({b} {mode} d={d}: not available here, would run {ran!r})", file=sys.stderr)
+            times[b] = float("nan")
+            del fns[b]
+    for name, fn in list(fns.items()):
+        try:
+            fn()
+        except (RuntimeError, NotImplementedError) as e:
+            print(f"  ({name} {mode} d={d}: {type(e).__name__}: {str(e)[:100]})", file=sys.stderr)
+            times[name] = float("nan")
+            del fns[name]
+    times.update(time_interleaved(fns, device, reps=args.reps, budget_s=args.budget))
+    return times
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -99,46 +145,17 @@ def main(argv=None):
     ]
     print("\n".join(out), flush=True)
     for d in args.dims:
-        mf_cfg, dense_cfg = configs(d, args.seq)
         torch.manual_seed(0)
         x = torch.randn(args.batch, args.seq, d, device=device)
-        dense = build(dense_cfg, TransformerBlock, device)
-        mfs = {}
-        for b in backends:
-            blk = build(mf_cfg, MemoryFormerBlock, device)
-            for m in blk.modules():
-                if isinstance(m, MemoryLayer):
-                    m.backend = b.removesuffix("-unfused")
-                    m.tables.data = m.tables.data.to(tdt)
-            mfs[b] = torch.compile(blk) if args.compile else blk
-        if args.compile:
-            dense = torch.compile(dense)
+        dense, mfs = build_blocks(d, args, backends, tdt, device)
         for mode in args.modes:
-            fns = {"pythia": step_fn(dense, x, mode, autocast)}
-            fns.update({b: step_fn(m, x, mode, autocast, fuse_hash=not b.endswith("-unfused")) for b, m in mfs.items()})
-            times = {}
-            for b, blk in mfs.items():  # an explicit backend that would fall back to another is not measured
-                layer = next(m for m in blk.modules() if isinstance(m, MemoryLayer))
-                with torch.set_grad_enabled(mode != "fwd"):
-                    ran = layer.active_backend()
-                if ran != b.removesuffix("-unfused") and b != "auto":
-                    print(f"  ({b} {mode} d={d}: not available here, would run {ran!r})", file=sys.stderr)
-                    times[b] = float("nan")
-                    del fns[b]
-            for name, fn in list(fns.items()):
-                try:
-                    fn()
-                except (RuntimeError, NotImplementedError) as e:
-                    print(f"  ({name} {mode} d={d}: {type(e).__name__}: {str(e)[:100]})", file=sys.stderr)
-                    times[name] = float("nan")
-                    del fns[name]
-            times.update(time_interleaved(fns, device, reps=args.reps, budget_s=args.budget))
+            times = time_pass(dense, mfs, x, mode, args, autocast)
             best = min((times[b] for b in backends if times[b] == times[b]), default=float("nan"))
             line = (f"| {d} | {'fwd' if mode == 'fwd' else 'fwd+bwd'} | {fmt_time(times['pythia'])} | "
                     + " | ".join(fmt_time(times[b]) for b in backends) + f" | {best / times['pythia']:.2f}x |")
             print(line, flush=True)
             out.append(line)
-        del dense, mfs, fns
+        del dense, mfs
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -160,30 +160,26 @@ def _predicted(args, candidate: str, hit_fraction: float | None) -> float:
     return f["peak"]
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.worker:
-        return worker(args)
-    from kernel_timing import device_name, load
-
-    argv = sys.argv[1:] if argv is None else argv
-    here = Path(__file__).resolve()
-    if args.threads:
-        torch.set_num_threads(args.threads)  # for the device name
+def _prior_runs(args) -> tuple[dict[str, list[dict]], list[str]]:
+    """The rounds of the results file `--merge` names (checked to be the same benchmark), or none."""
     runs: dict[str, list[dict]] = {c: [] for c in args.candidates}
-    loads = []
-    if args.merge:
-        prior = json.loads(Path(args.merge).read_text())
-        for key in ("config", "batch_size", "micro_batch_size", "seq_len", "init", "threads_arg", "exact_rss"):
-            mine = getattr(args, "threads" if key == "threads_arg" else key)
-            if key == "micro_batch_size":
-                mine = mine or args.batch_size
-            if prior.get(key) != mine:
-                raise SystemExit(f"--merge: {args.merge} has {key}={prior.get(key)!r}, this run {mine!r}")
-        for c, rs in prior["raw"].items():
-            runs.setdefault(c, []).extend(rs)
-        loads = prior.get("loads", [])
-    load_start = load()
+    if not args.merge:
+        return runs, []
+    prior = json.loads(Path(args.merge).read_text())
+    for key in ("config", "batch_size", "micro_batch_size", "seq_len", "init", "threads_arg", "exact_rss"):
+        mine = getattr(args, "threads" if key == "threads_arg" else key)
+        if key == "micro_batch_size":
+            mine = mine or args.batch_size
+        if prior.get(key) != mine:
+            raise SystemExit(f"--merge: {args.merge} has {key}={prior.get(key)!r}, this run {mine!r}")
+    for c, rs in prior["raw"].items():
+        runs.setdefault(c, []).extend(rs)
+    return runs, prior.get("loads", [])
+
+
+def _run_rounds(args, argv: list[str], runs: dict[str, list[dict]]) -> None:
+    """`--rounds` more rounds, each candidate in a fresh worker process, candidates interleaved."""
+    here = Path(__file__).resolve()
     first = 1 + max((x["round"] for rs in runs.values() for x in rs), default=-1)
     for r in range(first, first + args.rounds):
         for c in args.candidates:
@@ -195,7 +191,10 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"train_speed: worker {c} failed:\n{res.stderr[-3000:]}")
             runs[c].append(json.loads(line[len("RESULT "):]))
             print(f"[round {r}] {c}: median step {statistics.median(runs[c][-1]['step_s']):.3f} s", flush=True)
-    loads.append(f"{load_start} at start, {load()} at end")
+
+
+def _summary(args, runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Medians over all rounds per candidate, with the accounting's prediction for the same run."""
     tokens_per_step = args.batch_size * args.seq_len
     summary = {}
     for c, rs in runs.items():
@@ -211,26 +210,17 @@ def main(argv=None) -> dict:
     for c, s in summary.items():  # the accounting's prediction for the same run (memoryformer.footprint)
         s["predicted_mb"] = round(_predicted(args, c, s["hit_fraction"]) / 2**20, 1)
         s["measured_mb"] = round(s["peak_rss_mb"] - s["rss_before_model_mb"], 1)
+    return summary
+
+
+def _markdown(args, result: dict) -> list[str]:
+    summary, loads = result["candidates"], result["loads"]
     ref = summary.get("dense", {}).get("tokens_per_s")
-    result = {
-        "benchmark": "training speed (CPU)", "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": device_name(torch.device("cpu")), "threads": runs[args.candidates[0]][-1]["threads"],
-        "torch": torch.__version__, "command": "python benchmarks/train_speed.py " + " ".join(argv),
-        "config": args.config, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size or args.batch_size,
-        "seq_len": args.seq_len, "init": args.init, "threads_arg": args.threads, "exact_rss": args.exact_rss,
-        "loads": loads, "candidates": summary, "raw": runs,
-    }
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    stem = Path(args.results) / f"train_speed_{args.config}_cpu{'_' + args.tag if args.tag else ''}_{date}"
-    if args.merge:
-        stem = Path(args.merge).with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# Training speed on CPU: MF-{args.config} table options vs the dense control", "",
              f"- date: {result['date']}; device: {result['device']}; torch {result['torch']}",
              f"- command: `{result['command']}`",
              *[f"- invocation {i + 1}: {x}" for i, x in enumerate(loads)],
-             f"- {args.batch_size} x {args.seq_len} = {tokens_per_step:,} tokens per step (micro-batch "
+             f"- {args.batch_size} x {args.seq_len} = {args.batch_size * args.seq_len:,} tokens per step (micro-batch "
              f"{result['micro_batch_size']}); {args.steps} timed steps per candidate per round, each round in a fresh "
              "process, candidates interleaved; medians over all rounds"
              + (f"; weights from {args.init}" if args.init else ""),
@@ -249,6 +239,37 @@ def main(argv=None) -> dict:
               "65536)" if args.exact_rss else ", default glibc allocator (it keeps freed heap blocks for reuse)")
               + ". Predicted: `memoryformer.footprint.footprint(..., device='cpu')` for the same micro-batch, "
               "accumulation and table option, with the measured share of rows hit for sparse rows."]
+    return lines
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    from kernel_timing import device_name, load
+
+    argv = sys.argv[1:] if argv is None else argv
+    if args.threads:
+        torch.set_num_threads(args.threads)  # for the device name
+    runs, loads = _prior_runs(args)
+    load_start = load()
+    _run_rounds(args, argv, runs)
+    loads.append(f"{load_start} at start, {load()} at end")
+    result = {
+        "benchmark": "training speed (CPU)", "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name(torch.device("cpu")), "threads": runs[args.candidates[0]][-1]["threads"],
+        "torch": torch.__version__, "command": "python benchmarks/train_speed.py " + " ".join(argv),
+        "config": args.config, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size or args.batch_size,
+        "seq_len": args.seq_len, "init": args.init, "threads_arg": args.threads, "exact_rss": args.exact_rss,
+        "loads": loads, "candidates": _summary(args, runs), "raw": runs,
+    }
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    stem = Path(args.results) / f"train_speed_{args.config}_cpu{'_' + args.tag if args.tag else ''}_{date}"
+    if args.merge:
+        stem = Path(args.merge).with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = _markdown(args, result)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

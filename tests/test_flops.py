@@ -50,7 +50,7 @@ def test_exact_counts():
     assert costs["block.l2 (memory)"].flops == 2048 * 64 * (10 + 512)
     # Table 3: one Memory Layer Q at d=512, tau=8 costs s*K*(tau+h) = 0.07 G
     assert round(flops.memory_layer_flops(2048, 512, 512, 8) / 1e9, 2) == 0.07
-    assert flops.table_bytes(cfg, 2) == 6 * 69_206_016 * 2  # 0.83 GB fp16 (spec §4)
+    assert flops.table_bytes(cfg, 2) == 6 * 69_206_016 * 2  # 0.83 GB fp16: 6 blocks of 69.2 M entries
     dense = mf.get_config("pythia-70m")
     assert flops.block_flops(dense) == flops.paper_block_flops("transformer", 512)["flops_total"]
     assert flops.table_bytes(dense) == 0

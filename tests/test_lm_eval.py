@@ -41,10 +41,10 @@ def test_lm_eval_and_our_scorer_agree_on_the_full_files(tmp_path, full_bench, mo
     _agree(tmp_path, full_bench, monkeypatch, vocab_model(), 20)
 
 
-def test_old_import_path_registers_the_model():
-    import memoryformer.lm_eval_adapter as old
+def test_old_import_path_is_gone():
+    import importlib.util
 
-    assert old.MemoryFormerLM is adapter.MemoryFormerLM
+    assert importlib.util.find_spec("memoryformer.lm_eval_adapter") is None  # memoryformer.evaluate.lm_eval_adapter
 
 
 def _agree(tmp_path, bench, monkeypatch, model, n_per_task):

@@ -61,7 +61,8 @@ def test_num_params_tiny_matches_the_paper_shapes():
         model = mf.MemoryFormer(mf.get_config("tiny"))
     n = model.num_params()
     b = model.blocks[0]
-    # spec §4: Q, K, V each 64 x 256 x 512; Block-L1 64 x 256 x 640; Block-L2 64 x 1024 x 512 = 69.2 M per block
+    # MF-tiny (paper §3.1: tau 8, K 64; Table 5, 2 expanding bits): Q, K, V each 64 x 256 x 512; Block-L1
+    # 64 x 256 x 640; Block-L2 64 x 1024 x 512 = 69.2 M per block
     assert tuple(b.attn.qkv.tables.shape) == (64, 256, 3 * 512)
     assert tuple(b.mlp.l1.tables.shape) == (64, 256, 640) and tuple(b.mlp.l2.tables.shape) == (64, 1024, 512)
     assert sum(m.tables.numel() for m in (b.attn.qkv, b.mlp.l1, b.mlp.l2)) == 69_206_016

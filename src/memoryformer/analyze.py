@@ -1,4 +1,5 @@
-"""Bucket usage of the Memory Layers (paper Figure 4, spec §11.9): which table rows the tokens of a text hit.
+"""Bucket usage of the Memory Layers (paper Figure 4, whose text calls it "generally uniform"): which table rows
+the tokens of a text hit.
 
 For every block and every Memory Layer — the fused Q/K/V layer (`attn.qkv`: Q, K and V share one hash, so one set of
 histograms covers all three), the Memory Block's `mlp.l1` (tau bits) and `mlp.l2` (tau + expand_bits bits) — a

@@ -44,8 +44,8 @@ EOT_ID = 0  # <|endoftext|> in the GPT-NeoX-20B vocabulary
 CACHE_FORMAT = 2  # bump when the cached token layout or its key changes
 TEXT_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz", ".txt", ".txt.xz", ".txt.gz")
 _VAL_WORDS = {"val", "valid", "validation", "dev"}
-log = logging.getLogger("memoryformer")
 _TEST_WORDS = {"test"}
+log = logging.getLogger("memoryformer")
 
 
 class DataError(MemoryFormerError):
@@ -347,16 +347,9 @@ def _tail_start(stream: np.ndarray, fraction: float) -> int:
     return cut
 
 
-def load_tokens(
-    data: str | None = None,
-    split: str = "train",
-    *,
-    val_data: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    val_fraction: float = 0.01,
-    progress: bool = False,
-    verify: bool = True,
-) -> np.ndarray:
+def load_tokens(data: str | None = None, split: str = "train", *, val_data: str | None = None,
+                cache_dir: str | os.PathLike | None = None, val_fraction: float = 0.01, progress: bool = False,
+                verify: bool = True) -> np.ndarray:
     """Token ids (uint16, 1-D memmap) of one split ("train" or "val") of a data source; tokenizes on first use.
     `verify` checks the cached tokens against their recorded SHA-256 (rebuilding them when they differ)."""
     return token_split(data, split, val_data=val_data, cache_dir=cache_dir, val_fraction=val_fraction,

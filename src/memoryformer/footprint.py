@@ -47,7 +47,7 @@ from memoryformer.config import ModelConfig, get_config
 from memoryformer.optim import TABLE_DTYPES, TABLE_OPTIMS
 
 GB = 1e9
-_TB = {"fp32": 4, "bf16": 2}
+_TB = {"fp32": 4, "bf16": 2, "float32": 4, "bfloat16": 2}  # bytes per table entry, by table_dtype
 _STEP_SLICES = 6 * (1 << 22) * 4  # the table optimizers' fp32 temporaries of one slice
 
 
@@ -104,6 +104,56 @@ def _touched_rows(R: int, tokens: int, hit_fraction: float | None) -> float:
     return R * (1.0 - (1.0 - 1.0 / R) ** tokens)  # expected distinct rows of `tokens` uniform draws
 
 
+def _check_options(table_optim: str, table_dtype: str, device: str, sparse_rows: bool) -> None:
+    if table_optim not in TABLE_OPTIMS:
+        raise ValueError(f"table_optim: expected one of {TABLE_OPTIMS}, got {table_optim!r}")
+    if table_dtype not in TABLE_DTYPES:
+        raise ValueError(f"table_dtype: expected one of {TABLE_DTYPES}, got {table_dtype!r}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
+    if sparse_rows and (device != "cpu" or table_optim == "adamw"):
+        raise ValueError("sparse_rows: sparse table gradients exist for the row-wise rules on the CPU only")
+
+
+def _state_bytes(shapes: dict, tb: int, table_optim: str, sparse_rows: bool, accum: int, N: int,
+                 hit_fraction: float | None) -> dict:
+    """Parameters, gradients and optimizer state (the module docstring's first three terms)."""
+    Pd, Pt, tables = shapes["dense"], shapes["table"], shapes["tables"]
+    params = 4 * Pd + tb * Pt
+    if sparse_rows:
+        rows = [min(K * R, accum * K * _touched_rows(R, N, hit_fraction)) for K, R, h, _ in tables]
+        table_grads = sum(r * (h * tb + 16) for r, (K, R, h, _) in zip(rows, tables))
+    else:
+        table_grads = tb * Pt
+    if table_optim == "adamw":
+        opt_tables = 8 * Pt
+    else:
+        opt_tables = sum(K * R * (4 * S + 4) for K, R, h, S in tables)
+        if table_optim == "partial-rowwise-adam":
+            opt_tables += 4 * Pt
+    grads, optimizer = 4 * Pd + table_grads, 8 * Pd + opt_tables
+    return dict(params=params, grads=grads, table_grads=table_grads, optimizer=optimizer, optimizer_tables=opt_tables,
+                state=params + grads + optimizer)
+
+
+def _transient_bytes(shapes: dict, tb: int, table_optim: str, sparse_rows: bool, accum: int, N: int,
+                     hit_fraction: float | None, device: str) -> tuple[float, float]:
+    """(backward, optimizer step) transients (the module docstring's last term)."""
+    Pd, Pt, tables = shapes["dense"], shapes["table"], shapes["tables"]
+    bf16, fp32_adamw = tb == 2, (table_optim, tb) == ("adamw", 4)
+    largest = max((K * R * h for K, R, h, _ in tables), default=0)
+    if not tables:
+        bwd_transient = 0
+    elif sparse_rows:
+        hit_max = max(K * _touched_rows(R, N, hit_fraction) * h for K, R, h, _ in tables)
+        bwd_transient = 4 * hit_max + (4 * largest if bf16 else 0)
+    else:
+        bwd_transient = (8 * largest if bf16 else 0) + (tb * largest if accum > 1 else 0)
+    foreach_params = (Pd + (Pt if fp32_adamw else 0)) if device == "cpu" else 0
+    step_transient = 4 * foreach_params + (_STEP_SLICES if tables and not fp32_adamw else 0)
+    return bwd_transient, step_transient
+
+
 def footprint(config: str | ModelConfig, batch: int = 1, seq_len: int | None = None, *,
               table_optim: str = "adamw", table_dtype: str = "fp32", accum: int = 1, sparse_rows: bool = False,
               device: str = "cuda", hit_fraction: float | None = None, gpu_mem: str | float | None = None,
@@ -122,58 +172,25 @@ def footprint(config: str | ModelConfig, batch: int = 1, seq_len: int | None = N
     "transient", "peak", "total" = peak + runtime + reserve, ...) and "fits" when gpu_mem is given.
     """
     cfg = get_config(config) if isinstance(config, str) else config
-    if table_optim not in TABLE_OPTIMS:
-        raise ValueError(f"table_optim: expected one of {TABLE_OPTIMS}, got {table_optim!r}")
-    if table_dtype not in TABLE_DTYPES:
-        raise ValueError(f"table_dtype: expected one of {TABLE_DTYPES}, got {table_dtype!r}")
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
-    if sparse_rows and (device != "cpu" or table_optim == "adamw"):
-        raise ValueError("sparse_rows: sparse table gradients exist for the row-wise rules on the CPU only")
+    _check_options(table_optim, table_dtype, device, sparse_rows)
     seq_len = seq_len or cfg.max_seq_len
     N = batch * seq_len
     shapes = _model_shapes(cfg)
-    Pd, Pt, tables = shapes["dense"], shapes["table"], shapes["tables"]
     tb = _TB[table_dtype]
-
-    params = 4 * Pd + tb * Pt
-    if sparse_rows:
-        rows = [min(K * R, accum * K * _touched_rows(R, N, hit_fraction)) for K, R, h, _ in tables]
-        table_grads = sum(r * (h * tb + 16) for r, (K, R, h, _) in zip(rows, tables))
-    else:
-        table_grads = tb * Pt
-    grads = 4 * Pd + table_grads
-    opt_dense = 8 * Pd
-    if table_optim == "adamw":
-        opt_tables = 8 * Pt
-    else:
-        opt_tables = sum(K * R * (4 * S + 4) for K, R, h, S in tables)
-        if table_optim == "partial-rowwise-adam":
-            opt_tables += 4 * Pt
-    optimizer = opt_dense + opt_tables
-    state = params + grads + optimizer
+    st = _state_bytes(shapes, tb, table_optim, sparse_rows, accum, N, hit_fraction)
+    bwd_transient, step_transient = _transient_bytes(shapes, tb, table_optim, sparse_rows, accum, N, hit_fraction,
+                                                     device)
 
     act_block = block_activation_bytes(cfg) * N
     act_blocks = cfg.n_layer * act_block
     act_head = head_activation_bytes(cfg) * N
     head_bwd = 3 * cfg.vocab_size * 4 * N
     logits = cfg.vocab_size * 4 * N
-    largest = max((K * R * h for K, R, h, _ in tables), default=0)
-    if not tables:
-        bwd_transient = 0
-    elif sparse_rows:
-        hit_max = max(K * _touched_rows(R, N, hit_fraction) * h for K, R, h, _ in tables)
-        bwd_transient = 4 * hit_max + (4 * largest if table_dtype == "bf16" else 0)
-    else:
-        bwd_transient = (8 * largest if table_dtype == "bf16" else 0) + (tb * largest if accum > 1 else 0)
-    foreach_params = (Pd + (Pt if (table_optim, table_dtype) == ("adamw", "fp32") else 0)) if device == "cpu" else 0
-    step_transient = 4 * foreach_params + (_STEP_SLICES if tables and (table_optim, table_dtype) != ("adamw", "fp32") else 0)
-    grads_prev = grads * (accum - 1) / accum if accum > 1 else 0.0
-
+    grads_prev = st["grads"] * (accum - 1) / accum if accum > 1 else 0.0
     moments = {
-        "head backward": params + optimizer + grads_prev + act_blocks + act_head + head_bwd,
-        "end of backward": state + act_block + bwd_transient + logits,
-        "optimizer step": state + step_transient + logits,
+        "head backward": st["params"] + st["optimizer"] + grads_prev + act_blocks + act_head + head_bwd,
+        "end of backward": st["state"] + act_block + bwd_transient + logits,
+        "optimizer step": st["state"] + step_transient + logits,
     }
     when = max(moments, key=moments.get)
     peak = moments[when]
@@ -185,9 +202,8 @@ def footprint(config: str | ModelConfig, batch: int = 1, seq_len: int | None = N
     out = dict(
         config=cfg.arch if isinstance(config, ModelConfig) else config, arch=cfg.arch, batch=batch, seq_len=seq_len,
         accum=accum, tokens_per_micro_batch=N, table_optim=table_optim, table_dtype=table_dtype,
-        sparse_rows=sparse_rows, device=device, dense_params=Pd, table_params=Pt,
-        params=params, grads=grads, table_grads=table_grads, optimizer=optimizer, optimizer_tables=opt_tables,
-        state=state, activations=act_blocks + act_head + head_bwd, activations_blocks=act_blocks,
+        sparse_rows=sparse_rows, device=device, dense_params=shapes["dense"], table_params=shapes["table"], **st,
+        activations=act_blocks + act_head + head_bwd, activations_blocks=act_blocks,
         activations_head=act_head + head_bwd, transient_backward=bwd_transient, transient_step=step_transient,
         moments=moments, peak_at=when, peak=peak, runtime=runtime_gb * GB, reserve=reserve, total=total,
     )

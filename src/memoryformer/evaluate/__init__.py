@@ -1,6 +1,7 @@
 """Evaluation: zero-shot benchmarks with lm-evaluation-harness's prompts and metrics, and perplexity.
 
-- `tasks`: the task definitions (prompts, choices, metrics) and where their files come from;
+- `prompts`: the task definitions (prompts, choices, metrics);
+- `tasks`: their examples, from a benchmark folder or (`sources`) lm-eval's Hugging Face datasets;
 - `scoring`: log-likelihoods of continuations (lm-eval's rule) and the metrics (`evaluate_tasks`);
 - `perplexity`: the one perplexity, shared with training's validation and the benchmarks;
 - `lm_eval_adapter`: the same models as an lm-eval `TemplateLM` (optional extra `eval`); it depends on these modules,

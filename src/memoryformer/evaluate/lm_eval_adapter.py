@@ -3,7 +3,7 @@
 - `MemoryFormerLM`: an `lm_eval` `TemplateLM` registered as "memoryformer" when this module is imported.
   lm-eval does not discover models through entry points, so import this module first (or use `run_lm_eval`):
 
-      import memoryformer.lm_eval_adapter  # registers "memoryformer"
+      import memoryformer.evaluate.lm_eval_adapter  # registers "memoryformer"
       lm_eval.simple_evaluate(model="memoryformer", model_args="checkpoint=runs/tiny/final", tasks=[...],
                               task_manager=TaskManager(include_path=write_task_yamls(dir)))
 
@@ -38,7 +38,7 @@ try:
     from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "memoryformer.lm_eval_adapter needs lm-evaluation-harness: pip install 'memoryformer[eval]'"
+        "memoryformer.evaluate.lm_eval_adapter needs lm-evaluation-harness: pip install 'memoryformer[eval]'"
     ) from e
 
 from memoryformer.data import EOT_ID

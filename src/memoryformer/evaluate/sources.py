@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memoryformer.config import MemoryFormerError
-from memoryformer.evaluate.tasks import ALL_TASKS, TASKS, parse_tasks
+from memoryformer.evaluate.prompts import ALL_TASKS, TASKS, parse_tasks
 
 PARQUET_REVISION = "refs/convert/parquet"  # the Hub's automatic parquet copy of every public dataset
 

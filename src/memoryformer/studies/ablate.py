@@ -1,4 +1,5 @@
-"""The paper's ablations (Tables 3-6) and the weighting question (spec §11.1), as named suites of configs.
+"""The paper's ablations (Tables 3-6) and the weighting question (Eq. 10's p(z) or the released code's
+||z||_1 p(z)), as named suites of configs.
 
 Every variant of a suite is trained with `memoryformer.train.train` on the same data, seed and token budget, then
 its validation perplexity is tabulated beside the paper's number, with whether the paper's ordering holds.
@@ -43,8 +44,8 @@ class Variant:
     dense: bool = False  # start from the scale's dense control instead of the MemoryFormer preset
 
 
-# The suites' baseline keeps the authors' release weighting, as in the committed ablation tables (the library's
-# default is the paper's p(z) since 0.3); the weighting suite sets its own.
+# The suites' baseline is the authors' release weighting, as in the committed ablation tables (the library's
+# default is the paper's p(z) of Eq. 10); the weighting suite sets its own.
 BASELINE = {"weighting": "release"}
 
 
