@@ -13,7 +13,8 @@ import torch.nn as nn
 
 import memoryformer as mf
 from memoryformer import inference as inf
-from memoryformer.layers import MemoryLayer, to_inference
+from memoryformer.inference import engine as engine_mod
+from memoryformer.layers import MemoryLayer
 from memoryformer.ops import dequantize_rows
 
 needs_ext = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
@@ -79,15 +80,15 @@ def test_quantized_embedding_and_state_dict_keys():
 
 @needs_ext
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
-def test_quantize_model_computes_with_the_stored_weights(dtype):
+def test_frozen_head_and_embedding_compute_with_the_stored_weights(dtype):
     # A Memory Layer's hash is discontinuous, so rounding the embedding moves logits by more than the rounding
     # wherever a sign flips; the reference is therefore the fp32 model holding the rounded values.
     model, ref = build(), build()
     idx = torch.randint(0, 300, (2, 9))
-    inf.quantize_model(model, dtype)
+    inf.freeze(model, None, head=dtype)
     assert isinstance(model.head, inf.QuantizedLinear) and isinstance(model.embed, inf.QuantizedEmbedding)
     keys = {"head.weight", "embed.weight"} | ({"head.scale", "embed.scale"} if dtype == "int8" else set())
-    assert keys <= set(model.state_dict()) and model.state_dict()["head.weight"].dtype == inf.PRECISIONS[dtype]
+    assert keys <= set(model.state_dict()) and model.state_dict()["head.weight"].dtype == getattr(torch, dtype)
     with torch.no_grad():
         for name in ("head", "embed"):
             q = getattr(model, name)
@@ -121,7 +122,7 @@ def check_engine(model, T0: int, steps: int, tol: float, kv_dtype=torch.float32,
 def test_engine_matches_eager(tables, weighting, bit_order, bias):
     model = build(weighting=weighting, bit_order=bit_order, memory_bias=bias, temperature=0.8)
     if tables != "float32":
-        to_inference(model, tables)
+        inf.freeze(model, tables, head="float32")
     for T0 in (1, 2, 5):
         check_engine(model, T0, 6, tol=2e-5)
 
@@ -129,8 +130,7 @@ def test_engine_matches_eager(tables, weighting, bit_order, bias):
 @needs_ext
 def test_engine_tau10_gelu_and_int8_head():
     model = build(d_model=80, n_head=4, tau=10, block_activation="gelu")  # K = 8, Memory-Block tables of 4096 rows
-    to_inference(model, "int8")
-    inf.quantize_model(model, "int8")
+    inf.freeze(model, "int8")
     check_engine(model, 3, 8, tol=2e-4)  # the engine's int8 head rounds its input to 14 bits, the eager one (T > 8) not
 
 
@@ -140,7 +140,7 @@ def test_engine_bf16_tables():
     # fp32 sums, so a hash code can flip where a LayerNorm output sits within a rounding of 0: compare the logits
     # of the engine with the eager model whose tables hold the same bf16 values in fp32 (exact), and the argmax
     model = build()
-    to_inference(model, "bfloat16")
+    inf.freeze(model, "bfloat16", head="float32")
     exact = build()
     for a, b in zip(exact.modules(), model.modules()):
         if isinstance(a, MemoryLayer):
@@ -200,8 +200,7 @@ def test_engine_bf16_cache_against_a_rounded_reference():
 def test_engine_greedy_generation_equals_eager(tables):
     model = build()
     if tables == "int8":
-        to_inference(model, "int8")
-        inf.quantize_model(model, "int8")
+        inf.freeze(model, "int8")
     from memoryformer.generate import generate
 
     prompt = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(4))
@@ -234,14 +233,69 @@ def test_engine_refuses_what_it_cannot_run():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The named engine seam: nothing in a block or its config can change the eager output without the engine seeing it
+
+
+@needs_ext
+def test_engine_reads_every_block_tensor_and_config_field():
+    model = inf.freeze(build(), "int8", head="float32")  # tables with their scale, biases on
+    cfg = model.config
+    sent = engine_mod.engine_config(cfg, model, 1, cfg.max_seq_len, torch.float32)
+    missing = set(cfg.fields_that_apply()) - set(sent) - set(engine_mod.CONFIG_FIELDS_ELSEWHERE)
+    assert not missing, f"ModelConfig fields neither sent to the engine nor listed in CONFIG_FIELDS_ELSEWHERE: {missing}"
+    assert set(engine_mod.block_tensors(model.blocks[0])) == set(model.blocks[0].state_dict())
+    assert {k for k in model.state_dict() if not k.startswith("blocks.")} <= set(engine_mod.model_tensors(model))
+    # a tensor the C++ side does not read is refused, not ignored
+    model.blocks[1].register_buffer("gate", torch.ones(cfg.d_model))
+    with pytest.raises(RuntimeError, match="block tensor 'gate' is not read by the engine"):
+        inf.DecodeEngine(model)
+    del model.blocks[1].gate
+    ext = __import__("memoryformer.ops.cpu_ext", fromlist=["get"]).get()
+    blocks = [engine_mod.block_tensors(b) for b in model.blocks]
+    for extra, what in (({**sent, "new_field": 1}, "config field 'new_field'"),):
+        with pytest.raises(RuntimeError, match=what):
+            ext.Engine(extra, engine_mod.model_tensors(model), blocks)
+    del blocks[0]["norm2.weight"]
+    with pytest.raises(RuntimeError, match="norm2.weight"):
+        ext.Engine(sent, engine_mod.model_tensors(model), blocks)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["norm1.weight", "attn.qkv.tables", "attn.qkv.bias", "norm2.weight",
+                                  "mlp.l1.tables", "mlp.l1.bias", "mlp.norm.weight", "mlp.norm.bias",
+                                  "mlp.l2.tables", "mlp.l2.bias"])
+def test_engine_follows_each_block_tensor(name):
+    model = build()
+    assert name in model.blocks[0].state_dict()
+    idx = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = model(idx)[0]
+        t = model.blocks[0].get_parameter(name)
+        t.add_(torch.randn(t.shape, generator=torch.Generator().manual_seed(8)) * t.abs().mean().clamp_min(0.1))
+        assert not torch.allclose(model(idx)[0], before)  # the perturbation matters to the eager model ...
+    check_engine(model, 2, 4, tol=2e-5)  # ... and the engine computes the same
+
+
+@needs_ext
+@pytest.mark.parametrize("field,value", [("weighting", "release"), ("temperature", 0.6), ("block_activation", "gelu"),
+                                         ("memory_bias", False), ("bit_order", "lsb"), ("tau", 4), ("expand_bits", 1),
+                                         ("rotary_pct", 0.5), ("rotary_base", 500.0), ("n_head", 2), ("n_layer", 1)])
+def test_engine_follows_each_config_field(field, value):
+    assert field in small_cfg().fields_that_apply()
+    model = build(**{field: value})
+    assert getattr(model.config, field) == value
+    check_engine(model, 2, 4, tol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Loading small and saving
 
 
-def test_load_for_inference_matches_quantize_model(tmp_path):
+def test_load_for_inference_matches_freeze(tmp_path):
     model = build()
     mf.save_model(model, tmp_path / "ck")
     got = inf.load_for_inference(tmp_path / "ck", tables="int8", head="int8")
-    want = inf.quantize_model(to_inference(build(), "int8"), "int8")
+    want = inf.freeze(build(), "int8")
     idx = torch.randint(0, 300, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(got(idx)[0], want(idx)[0], rtol=0, atol=1e-6)
@@ -260,7 +314,7 @@ def test_load_for_inference_matches_quantize_model(tmp_path):
     # and converted on the way in: int8 file -> bf16 tables and head
     bf = inf.load_for_inference(tmp_path / "q", tables="bfloat16", head="bfloat16", embed="float32")
     qkv = got.blocks[0].attn.qkv
-    assert torch.equal(bf.blocks[0].attn.qkv.tables, dequantize_rows(qkv.tables, qkv.table_scale, torch.bfloat16))
+    assert torch.equal(bf.blocks[0].attn.qkv.tables, dequantize_rows(qkv.tables, qkv.scale, torch.bfloat16))
     assert torch.equal(bf.head.weight, dequantize_rows(got.head.weight, got.head.scale, torch.bfloat16))
     assert isinstance(bf.embed, nn.Embedding) and bf.embed.weight.dtype == torch.float32
 
@@ -275,7 +329,7 @@ def test_generate_takes_the_engine_for_a_frozen_model_and_matches_eager(tmp_path
     assert inf.frozen(model) and isinstance(model.head, inf.QuantizedLinear)
     prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(1))
     fast = generate(model, prompt, 50, temperature=0)  # 56 tokens: past max_seq_len = 40, the window slides
-    eng = inf._ENGINES[model][1]  # the engine ran (its cache in bf16: the eager model is compared in fp32 above)
+    eng = engine_mod._ENGINES[model][1]  # the engine ran (its cache in bf16: the eager model is compared in fp32 above)
     assert eng.kv_dtype == torch.bfloat16
     head = eng.generate(prompt, 34)  # 40 tokens from the engine, then the eager model on the sliding window
     assert fast.shape == (1, 56) and torch.equal(fast, generate(model, head, 16, temperature=0, engine=False))
@@ -294,34 +348,44 @@ def test_generate_takes_the_engine_for_a_frozen_model_and_matches_eager(tmp_path
     # a trained (unfrozen) model keeps the eager reference unless asked
     plain = build()
     generate(plain, prompt, 3, temperature=0)
-    assert plain not in inf._ENGINES
+    assert plain not in engine_mod._ENGINES
     with pytest.raises(ValueError, match="engine"):
         generate(build(hash_projection=True), prompt, 2, engine=True)
 
 
-def test_to_inference_freezes_tables_head_and_embedding():
+def test_freeze_freezes_tables_head_and_embedding():
     idx = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = build()(idx)[0]
         for dtype, head in (("int8", torch.int8), ("bfloat16", torch.bfloat16), ("float16", None)):
-            model = mf.to_inference(build(), dtype)
+            model = mf.freeze(build(), dtype)
             assert model.blocks[0].attn.qkv.tables.dtype == getattr(torch, dtype)
             if head is None:
                 assert isinstance(model.head, nn.Linear) and isinstance(model.embed, nn.Embedding)
             else:
                 assert model.head.weight.dtype == head and model.embed.weight.dtype == head
-            # the same as freezing the parts one by one (a random model's hash codes flip under any rounding, so
-            # the fp32 model is no reference here; the head's own tolerance is tested above)
-            parts = to_inference(build(), dtype)
+            # the same as freezing the parts one by one with the primitives (a random model's hash codes flip
+            # under any rounding, so the fp32 model is no reference here; the head's own tolerance is tested above)
+            parts = build()
+            for m in parts.modules():
+                if isinstance(m, MemoryLayer):
+                    m.freeze(dtype)
             if head is not None:
-                inf.quantize_model(parts, head)
+                parts.head, parts.embed = inf.freeze_rows(parts.head, head), inf.freeze_rows(parts.embed, head)
             torch.testing.assert_close(model(idx)[0], parts(idx)[0], rtol=0, atol=0)
             assert model(idx)[0].shape == want.shape
-        dense = mf.to_inference(mf.build_model(mf.get_config("micro-dense", n_layer=1, d_model=32, n_head=2,
-                                                             vocab_size=50)), "int8")
+        dense = mf.freeze(mf.build_model(mf.get_config("micro-dense", n_layer=1, d_model=32, n_head=2,
+                                                       vocab_size=50)), "int8")
         assert isinstance(dense.head, inf.QuantizedLinear)
+        # the embedding alone, and back to float32 from int8
+        mixed = mf.freeze(build(), None, head="bfloat16", embedding="int8")
+        assert mixed.head.weight.dtype == torch.bfloat16 and mixed.embed.weight.dtype == torch.int8
+        back = mf.freeze(mixed, None, head="float32", embedding="float32")
+        assert isinstance(back.head, nn.Linear) and back.embed.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="head"):
-        mf.to_inference(build(), "int8", head="float16")
+        mf.freeze(build(), "int8", head="float16")
+    with pytest.raises(ValueError, match="tables"):
+        mf.freeze(build(), "int4")
 
 
 def test_load_with_tables_checks_the_files(tmp_path):
