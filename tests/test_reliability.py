@@ -12,6 +12,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,7 +173,7 @@ def _edited_config(src, dst, **fields):
     ({"rotary_pct": math.inf}, "rotary_pct: expected a finite number"),
 ], ids=["d_model", "temperature-nan", "rotary_pct-nan", "rotary_pct-inf"])
 def test_generate_and_resume_name_the_config_field(paths, tmp_path, capsys, fields, match):
-    edited = _edited_config(ck.Path(paths["ck"]), tmp_path / "gen", **fields)
+    edited = _edited_config(Path(paths["ck"]), tmp_path / "gen", **fields)
     expect_one_line(["generate", "--checkpoint", str(edited), "--prompt", "hi"], match, capsys)
     run = tmp_path / "run"
     shutil.copytree(paths["run"], run)

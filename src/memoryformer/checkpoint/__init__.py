@@ -32,7 +32,8 @@ from memoryformer.checkpoint.weights import load_model, resolve_device, save_mod
 
 __all__ = [
     "CONFIG", "INFERENCE_KEY", "MANIFEST_KEY", "OPTIMIZER", "RNG", "TRAINER", "TRAINING_FILES", "WEIGHTS",
-    "CheckpointError", "_flatten_optimizer", "_unflatten_optimizer", "atomic_dir", "check_config", "find_checkpoint", "find_resumable", "infer_config_fields",
-    "is_checkpoint_name", "list_checkpoints", "load_model", "load_training_checkpoint", "prune_checkpoints",
-    "resolve_device", "save_model", "save_training_checkpoint", "write_text",
+    "CheckpointError", "_flatten_optimizer", "_unflatten_optimizer", "atomic_dir", "check_config",
+    "find_checkpoint", "find_resumable", "infer_config_fields", "is_checkpoint_name", "list_checkpoints",
+    "load_model", "load_training_checkpoint", "prune_checkpoints", "resolve_device", "save_model",
+    "save_training_checkpoint", "write_text",
 ]

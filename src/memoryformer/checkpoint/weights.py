@@ -67,8 +67,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def _model_dir(path: Path) -> Path:
     """The folder holding the model files: `path`, or a run folder's newest checkpoint."""
-    if not path.is_dir():
-        raise MemoryFormerError(f"{path}: not a checkpoint directory (expected {WEIGHTS} and {CONFIG} inside)")
     if not (path / WEIGHTS).is_file() and find_checkpoint(path, required=False) is not None:
         path = find_checkpoint(path)
     for name in (WEIGHTS, CONFIG):
@@ -93,8 +91,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     """
     from memoryformer.inference import default_head, load_for_inference
 
-    path = _model_dir(Path(path))
+    path = Path(path)
+    if not path.is_dir():
+        raise MemoryFormerError(f"{path}: not a checkpoint directory (expected {WEIGHTS} and {CONFIG} inside)")
     device = resolve_device(device)
+    path = _model_dir(path)
     if tables is not None and tables not in INFERENCE_DTYPES:
         raise MemoryFormerError(f"tables: expected one of {INFERENCE_DTYPES}, got {tables!r}")
     if verify:  # before parsing anything: a truncated or damaged file is named as such

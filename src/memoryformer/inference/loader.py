@@ -49,8 +49,8 @@ class _FileSource:
             raise MemoryFormerError(f"{path}: unreadable safetensors file ({e})") from None
         old = next((k for k in self.info if k.endswith(".table_scale")), None)
         if old is not None:
-            raise MemoryFormerError(f"{path}: int8 tables with their scales under {old!r}, a layout this version "
-                                    "no longer reads; export the trained checkpoint again (memoryformer export --tables int8)")
+            raise MemoryFormerError(f"{path}: int8 tables with their scales under {old!r}, a layout this version no "
+                                    "longer reads; export the trained checkpoint again (memoryformer export --tables)")
 
     def has(self, name: str) -> bool:
         return name in self.info
