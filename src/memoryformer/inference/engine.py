@@ -2,7 +2,7 @@
 call (`ops/csrc/engine.cpp`) over a preallocated cache (layer, batch, head, max_seq_len, head_dim).
 
 The eager model stays the reference: the engine reads the model's own tensors and matches `model(idx)[0]`
-(tests/test_inference.py). The seam is named: the engine receives the config fields it uses by name
+(tests/test_inference_engine.py). The seam is named: the engine receives the config fields it uses by name
 (`engine_config`), the model-level tensors by state-dict name (`model_tensors`) and each block's tensors by
 their `MemoryFormerBlock` state-dict names (`block_tensors`); the C++ side reads each by name and refuses any it
 does not read, so a tensor added to the block fails loudly instead of being ignored.
@@ -21,7 +21,7 @@ from memoryformer.ops import cpu_ext
 
 # ModelConfig fields (of those `fields_that_apply()` keeps for a MemoryFormer) that reach the engine other than
 # by their own name in `engine_config`, and how. A new field must be added to `engine_config` (and read in
-# engine.cpp) or here, else tests/test_inference.py fails.
+# engine.cpp) or here, else tests/test_inference_engine.py fails.
 CONFIG_FIELDS_ELSEWHERE = {
     "arch": "DecodeEngine.why_not accepts MemoryFormer only",
     "hash_projection": "DecodeEngine.why_not refuses it",

@@ -84,4 +84,4 @@ def parse_tables_tag(tag: str, file) -> tuple[str, torch.dtype]:
     tables, _, act = tag.partition("/")
     if tables not in DTYPES or act not in DTYPES[:3]:
         raise MemoryFormerError(f"{file}: unknown {TABLES_KEY} {tag!r} (expected '<{'|'.join(DTYPES)}>/<dtype>')")
-    return tables, getattr(torch, act)
+    return tables, torch_dtype(act)

@@ -196,6 +196,9 @@ def _materialize(cfg: ModelConfig, src, tables, head, embed, huge_pages: bool, a
         check_finite({name: rest[name]}, _where(src))
     model.load_state_dict(rest, strict=False, assign=True)
     model.rotary.to_empty(device="cpu").reset_parameters()  # not saved: computed
+    left = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if left is not None:
+        raise MemoryFormerError(f"{_where(src)}: the loader has no values for {left!r}")
     return model.requires_grad_(False).eval()
 
 

@@ -6,7 +6,7 @@
 // -> residual; RMSNorm -> Memory Layer d -> (tau+e)K -> LayerNorm -> [GELU] -> Memory Layer -> d -> residual.
 // The same numbers as the eager model (memoryformer.model), in fp32 for every table, head and cache dtype.
 // Each step below names the Python function it mirrors; a change to one needs the same change in the other
-// (tests/test_inference.py compares them field by field).
+// (tests/test_inference_engine.py compares them field by field).
 //
 // The seam with Python (memoryformer/inference/engine.py) is named: a dict of config fields (`engine_config`),
 // a dict of the model's tensors outside the blocks by state-dict name (`model_tensors`) and one dict per block of
