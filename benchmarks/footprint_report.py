@@ -45,7 +45,7 @@ def main(argv=None) -> str:
                   f"table parameters) and {dense}", "",
                   "| model / tables | params | grads | optimizer | training state | activations | total | "
                   f"fits {a.gpu_mem} | max micro-batch |", "|---|---|---|---|---|---|---|---|---|"]
-        rows = [(preset, o, d) for o, d in OPTIONS] + [(dense, "adamw", "fp32")]
+        rows = [(preset, o, d) for o, d in OPTIONS] + [(dense, "adamw", "float32")]
         for cfg, o, d in rows:
             f = footprint(cfg, a.batch, a.seq_len, table_optim=o, table_dtype=d, gpu_mem=mem)
             mb = max_batch(cfg, a.seq_len, gpu_mem=mem, table_optim=o, table_dtype=d)

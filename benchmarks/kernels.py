@@ -138,7 +138,7 @@ def bench_latency(args) -> list[str]:
 
     def mem(backend, dtype):
         m = MemoryLayer(d, d, TAU, backend=backend)
-        return m if dtype == "float32" else m.to_inference(dtype)
+        return m if dtype == "float32" else m.freeze(dtype)
 
     kinds = {
         "linear": lambda: nn.Linear(d, d),

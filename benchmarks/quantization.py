@@ -4,7 +4,7 @@
     python benchmarks/quantization.py CHECKPOINT_DIR --data path/or/hf:... # memoryformer.data's val split of a source
     python benchmarks/quantization.py CHECKPOINT_DIR --tokens val.npy      # token ids: .npy, raw uint16 .bin, or .txt
 
-Only the Memory Layer tables change (`memoryformer.layers.to_inference`); everything else stays fp32. The same
+Only the Memory Layer tables change (`memoryformer.freeze` with head="float32"); everything else stays fp32. The same
 validation windows (non-overlapping, seq_len + 1 tokens) are scored for every variant.
 """
 
@@ -22,7 +22,8 @@ import torch
 import memoryformer
 from memoryformer.data import eval_starts
 from memoryformer.evaluate import window_nll
-from memoryformer.layers import MemoryLayer, to_inference
+from memoryformer.inference import freeze
+from memoryformer.layers import MemoryLayer
 
 VARIANTS = ("float32", "bfloat16", "int8")
 
@@ -54,8 +55,8 @@ def table_bytes(model) -> int:
     for m in model.modules():
         if isinstance(m, MemoryLayer):
             n += m.tables.numel() * m.tables.element_size()
-            if m.table_scale is not None:
-                n += m.table_scale.numel() * m.table_scale.element_size()
+            if m.scale is not None:
+                n += m.scale.numel() * m.scale.element_size()
     return n
 
 
@@ -76,7 +77,7 @@ def main(argv=None):
     for v in args.variants:
         model = memoryformer.load(args.checkpoint, device=args.device)
         if v != "float32":
-            to_inference(model, v)
+            freeze(model, v, head="float32", huge_pages=False)
         seq = args.seq_len or model.config.max_seq_len
         t = time.perf_counter()
         ppl, n = perplexity(model, tokens, seq, args.max_tokens, args.batch, torch.device(args.device))

@@ -25,13 +25,13 @@ from memoryformer.footprint import footprint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OPTIONS = {  # folder suffix -> (label, table_optim, table_dtype, sparse rows on CPU)
-    "": ("adamw / fp32 (recipe)", "adamw", "fp32", False),
-    "-table_optim=rowwise": ("rowwise / fp32", "rowwise", "fp32", True),
-    "-table_dtype=bf16": ("adamw / bf16", "adamw", "bf16", False),
-    "-table_optim=rowwise-table_dtype=bf16": ("rowwise / bf16", "rowwise", "bf16", True),
-    "-table_optim=partial-rowwise-adam": ("partial-rowwise-adam / fp32", "partial-rowwise-adam", "fp32", True),
-    "-table_optim=partial-rowwise-adam-table_dtype=bf16": ("partial-rowwise-adam / bf16", "partial-rowwise-adam", "bf16",
-                                                           True),
+    "": ("adamw / fp32 (recipe)", "adamw", "float32", False),
+    "-table_optim=rowwise": ("rowwise / fp32", "rowwise", "float32", True),
+    "-table_dtype=bfloat16": ("adamw / bf16", "adamw", "bfloat16", False),
+    "-table_optim=rowwise-table_dtype=bfloat16": ("rowwise / bf16", "rowwise", "bfloat16", True),
+    "-table_optim=partial-rowwise-adam": ("partial-rowwise-adam / fp32", "partial-rowwise-adam", "float32", True),
+    "-table_optim=partial-rowwise-adam-table_dtype=bfloat16": ("partial-rowwise-adam / bf16", "partial-rowwise-adam",
+                                                               "bfloat16", True),
 }
 BASE_GPU = dict(batch=4, seq_len=2048, gpu_mem="80GB")  # the target's geometry: MF-base on one 80 GB GPU
 
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
         if row["seeds"]:
             stats = f"{row['ppl_mean']:.2f} ± {row['ppl_std']:.2f}"
             rat = (f"{row['ratio_mean']:.4f} ({row['ratio_min']:.4f}–{row['ratio_max']:.4f})"
-                   if row["table_optim"] != "adamw" or row["table_dtype"] != "fp32" else "1")
+                   if row["table_optim"] != "adamw" or row["table_dtype"] != "float32" else "1")
         else:
             stats = rat = "-"
         tps = [v for v in row["tokens_per_s"].values() if v]

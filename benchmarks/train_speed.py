@@ -32,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # name -> (arch, table_optim, table_dtype, sparse_rows)
 CANDIDATES = {
-    "dense": ("dense", "adamw", "fp32", None),
-    "adamw": ("mf", "adamw", "fp32", None),
-    "adamw-bf16": ("mf", "adamw", "bf16", None),
-    "rowwise": ("mf", "rowwise", "fp32", True),
-    "rowwise-dense-grad": ("mf", "rowwise", "fp32", False),
-    "rowwise-bf16": ("mf", "rowwise", "bf16", True),
-    "rowwise-bf16-dense-grad": ("mf", "rowwise", "bf16", False),
-    "partial-rowwise-adam": ("mf", "partial-rowwise-adam", "fp32", True),
+    "dense": ("dense", "adamw", "float32", None),
+    "adamw": ("mf", "adamw", "float32", None),
+    "adamw-bf16": ("mf", "adamw", "bfloat16", None),
+    "rowwise": ("mf", "rowwise", "float32", True),
+    "rowwise-dense-grad": ("mf", "rowwise", "float32", False),
+    "rowwise-bf16": ("mf", "rowwise", "bfloat16", True),
+    "rowwise-bf16-dense-grad": ("mf", "rowwise", "bfloat16", False),
+    "partial-rowwise-adam": ("mf", "partial-rowwise-adam", "float32", True),
 }
 
 

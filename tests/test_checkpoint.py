@@ -116,18 +116,18 @@ def test_save_model_still_loads(tmp_path):
 
 @pytest.mark.parametrize("tables", ["int8", "bfloat16"])
 def test_inference_tables_save_and_load_as_they_are(tmp_path, tables):
-    from memoryformer.layers import MemoryLayer, to_inference
+    from memoryformer.layers import MemoryLayer
 
     model, _ = _trained()
     x = torch.randint(0, 64, (2, 8))
-    to_inference(model.eval(), tables)
+    mf.freeze(model.eval(), tables, head="float32")
     with torch.no_grad():
         want = model(x)[0]
     mf.save_model(model, tmp_path / "q")
     loaded = mf.load(tmp_path / "q")
     layers = [m for m in loaded.modules() if isinstance(m, MemoryLayer)]
     assert layers and all(m.tables.dtype == getattr(torch, tables) and not m.tables.requires_grad for m in layers)
-    assert all((m.table_scale is not None) == (tables == "int8") for m in layers)
+    assert all((m.scale is not None) == (tables == "int8") for m in layers)
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], want)
     # the file holds the small tables: int8 (+ one fp32 scale per row) ~ 0.29, bf16 ~ 0.51 of the fp32 file here
@@ -158,7 +158,7 @@ def test_cli_export_int8_and_refusals(tmp_path, capsys):
     assert loaded.blocks[0].attn.qkv.tables.dtype == torch.int8
     x = torch.randint(0, 64, (1, 8))
     with torch.no_grad():  # the same model as converting in memory
-        assert torch.equal(loaded(x)[0], mf.to_inference(model.eval(), "int8")(x)[0])
+        assert torch.equal(loaded(x)[0], mf.freeze(model.eval(), "int8")(x)[0])
     for argv, msg in (([], "exists and is not an empty folder"), (["--hf", "--tables", "int8", "--force"], "drop --tables or --hf")):
         with pytest.raises(SystemExit) as e:
             cli_main(["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "q"), *argv])

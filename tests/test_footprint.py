@@ -68,8 +68,8 @@ def test_parameter_counts_match_the_model(preset):
     assert f["params"] == 4 * n["total"]
 
 
-@pytest.mark.parametrize("table_optim,table_dtype", [("adamw", "fp32"), ("adamw", "bf16"), ("rowwise", "fp32"),
-                                                     ("partial-rowwise-adam", "bf16")])
+@pytest.mark.parametrize("table_optim,table_dtype", [("adamw", "float32"), ("adamw", "bfloat16"), ("rowwise", "float32"),
+                                                     ("partial-rowwise-adam", "bfloat16")])
 def test_optimizer_state_matches_the_optimizers(table_optim, table_dtype):
     cfg = mf.get_config("micro", n_layer=1, d_model=32, n_head=2, max_seq_len=32)
     model = build_model(cfg)
@@ -102,11 +102,11 @@ def test_sparse_rows_count_touched_rows_only():
 
 def test_mf_base_needs_the_light_options_to_fit_80gb():
     faithful = footprint("base", 1, 2048, gpu_mem="80GB")
-    light = footprint("base", 4, 2048, table_optim="rowwise", table_dtype="bf16", gpu_mem="80GB")
+    light = footprint("base", 4, 2048, table_optim="rowwise", table_dtype="bfloat16", gpu_mem="80GB")
     assert faithful["state"] > 100e9 and not faithful["fits"]  # AdamW + dense gradient: > 100 GB
     assert light["state"] <= 60e9 and light["fits"]
     assert footprint("base", 1, 2048, table_optim="rowwise", gpu_mem="80GB")["state"] <= 60e9
-    assert max_batch("base", 2048, table_optim="rowwise", table_dtype="bf16") >= 4
+    assert max_batch("base", 2048, table_optim="rowwise", table_dtype="bfloat16") >= 4
     assert max_batch("base", 2048) == 0
 
 
@@ -119,7 +119,7 @@ def test_accumulation_and_batch_scale_the_right_terms():
 
 
 def test_report_and_bad_input():
-    text = report("base", 4, 2048, "rowwise", "bf16", gpu_mem="80GB")
+    text = report("base", 4, 2048, "rowwise", "bfloat16", gpu_mem="80GB")
     assert "training state" in text and "fits 80 GB: yes" in text
     assert parse_bytes("80GB") == 80e9 and parse_bytes("141 GiB") == 141 * 1024**3 and parse_bytes(8e10) == 8e10
     with pytest.raises(ValueError, match="gpu_mem"):

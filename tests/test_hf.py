@@ -38,6 +38,6 @@ def test_refuses_padding_and_frozen_tables(tmp_path):
     ids = torch.randint(0, 100, (2, 5))
     with pytest.raises(ValueError, match="attention_mask: padded batches"):
         hf(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
-    with pytest.raises(ValueError, match="to_inference"):
-        mhf.from_memoryformer(mf.to_inference(model, "int8"))
+    with pytest.raises(ValueError, match="freeze"):
+        mhf.from_memoryformer(mf.freeze(model, "int8"))
     assert transformers.AutoConfig.for_model("memoryformer").model_type == "memoryformer"

@@ -1,4 +1,5 @@
-"""CPU inference: quantised head and embedding, the compiled decode engine against the eager model, small loading."""
+"""CPU inference: quantised head and embedding, freeze, streaming loading and saving, generate through the engine
+(the engine against the eager model: test_inference_engine.py)."""
 
 import json
 import os
@@ -12,32 +13,11 @@ import torch
 import torch.nn as nn
 
 import memoryformer as mf
+from inference_cases import build, needs_ext, rel_err
 from memoryformer import inference as inf
-from memoryformer.layers import MemoryLayer, to_inference
+from memoryformer.inference import engine as engine_mod
+from memoryformer.layers import MemoryLayer
 from memoryformer.ops import dequantize_rows
-
-needs_ext = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-
-
-def small_cfg(**kw):
-    base = dict(n_layer=2, d_model=64, n_head=4, vocab_size=300, max_seq_len=40, tau=8)
-    return mf.get_config("micro", **{**base, **kw})
-
-
-def build(seed=0, **kw):
-    torch.manual_seed(seed)
-    model = mf.MemoryFormer(small_cfg(**kw)).eval()
-    with torch.no_grad():  # norms away from their init so that they matter
-        for m in model.modules():
-            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                m.weight.uniform_(0.5, 1.5)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.normal_(std=0.1)
-    return model
-
-
-def rel_err(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,15 +59,15 @@ def test_quantized_embedding_and_state_dict_keys():
 
 @needs_ext
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
-def test_quantize_model_computes_with_the_stored_weights(dtype):
+def test_frozen_head_and_embedding_compute_with_the_stored_weights(dtype):
     # A Memory Layer's hash is discontinuous, so rounding the embedding moves logits by more than the rounding
     # wherever a sign flips; the reference is therefore the fp32 model holding the rounded values.
     model, ref = build(), build()
     idx = torch.randint(0, 300, (2, 9))
-    inf.quantize_model(model, dtype)
+    inf.freeze(model, None, head=dtype)
     assert isinstance(model.head, inf.QuantizedLinear) and isinstance(model.embed, inf.QuantizedEmbedding)
     keys = {"head.weight", "embed.weight"} | ({"head.scale", "embed.scale"} if dtype == "int8" else set())
-    assert keys <= set(model.state_dict()) and model.state_dict()["head.weight"].dtype == inf.PRECISIONS[dtype]
+    assert keys <= set(model.state_dict()) and model.state_dict()["head.weight"].dtype == getattr(torch, dtype)
     with torch.no_grad():
         for name in ("head", "embed"):
             q = getattr(model, name)
@@ -96,152 +76,14 @@ def test_quantize_model_computes_with_the_stored_weights(dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The decode engine == the eager model
-
-
-def check_engine(model, T0: int, steps: int, tol: float, kv_dtype=torch.float32, batch=1, seed=1):
-    """Prefill T0 tokens, then decode `steps` more: every logits row against model(idx)[0] (no cache)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, model.config.vocab_size, (batch, T0 + steps), generator=g)
-    with torch.no_grad():
-        want = model(idx)[0]  # (B, T, V) full uncached forward
-    eng = inf.DecodeEngine(model, batch_size=batch, kv_dtype=kv_dtype)
-    errs = [rel_err(eng.prefill(idx[:, :T0]), want[:, T0 - 1])]
-    for t in range(T0, T0 + steps):
-        errs.append(rel_err(eng.step(idx[:, t]), want[:, t]))
-    assert eng.pos == T0 + steps
-    assert max(errs) < tol, errs
-    return errs
-
-
-@needs_ext
-@pytest.mark.parametrize("tables", ["float32", "int8"])
-@pytest.mark.parametrize("weighting,bit_order,bias", [("release", "msb", True), ("paper", "lsb", False),
-                                                       ("release", "lsb", False), ("paper", "msb", True)])
-def test_engine_matches_eager(tables, weighting, bit_order, bias):
-    model = build(weighting=weighting, bit_order=bit_order, memory_bias=bias, temperature=0.8)
-    if tables != "float32":
-        to_inference(model, tables)
-    for T0 in (1, 2, 5):
-        check_engine(model, T0, 6, tol=2e-5)
-
-
-@needs_ext
-def test_engine_tau10_gelu_and_int8_head():
-    model = build(d_model=80, n_head=4, tau=10, block_activation="gelu")  # K = 8, Memory-Block tables of 4096 rows
-    to_inference(model, "int8")
-    inf.quantize_model(model, "int8")
-    check_engine(model, 3, 8, tol=2e-4)  # the engine's int8 head rounds its input to 14 bits, the eager one (T > 8) not
-
-
-@needs_ext
-def test_engine_bf16_tables():
-    # bf16 tables: the eager model rounds each layer's output to bf16 (fbgemm's bf16 bag) where the engine keeps
-    # fp32 sums, so a hash code can flip where a LayerNorm output sits within a rounding of 0: compare the logits
-    # of the engine with the eager model whose tables hold the same bf16 values in fp32 (exact), and the argmax
-    model = build()
-    to_inference(model, "bfloat16")
-    exact = build()
-    for a, b in zip(exact.modules(), model.modules()):
-        if isinstance(a, MemoryLayer):
-            a.tables.data = b.tables.detach().float()
-    g = torch.Generator().manual_seed(3)
-    idx = torch.randint(0, 300, (1, 12), generator=g)
-    eng = inf.DecodeEngine(model, kv_dtype=torch.float32)
-    with torch.no_grad():
-        want = exact(idx)[0]
-    got = [eng.prefill(idx[:, :1])] + [eng.step(idx[:, t]) for t in range(1, 12)]
-    got = torch.stack(got, 1)
-    assert rel_err(got, want) < 2e-5
-
-
-def reference_decode(model, idx: torch.Tensor, kv_round) -> torch.Tensor:
-    """Token-by-token decoding in float64 with plain torch ops and each key/value passed through `kv_round` before
-    it is stored: (B, T) -> logits (B, T, V). The model's own modules, float64 everywhere else."""
-    import torch.nn.functional as F
-
-    B, T = idx.shape
-    cfg = model.config
-    nh, hd = cfg.n_head, cfg.head_dim
-    m64 = __import__("copy").deepcopy(model).double()
-    cache = [([], []) for _ in m64.blocks]
-    out = []
-    for t in range(T):
-        pos = torch.full((B, 1), t)
-        x = m64.embed(idx[:, t : t + 1]).double()  # (B, 1, d)
-        for blk, (ks, vs) in zip(m64.blocks, cache):
-            q, k, v = blk.attn.qkv(blk.norm1(x)).view(B, 1, nh, 3 * hd).transpose(1, 2).split(hd, dim=-1)
-            q, k = m64.rotary(q, pos), m64.rotary(k, pos)
-            ks.append(kv_round(k))
-            vs.append(kv_round(v))
-            y = F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2))  # (B, nh, 1, hd)
-            x = x + y.transpose(1, 2).reshape(B, 1, nh * hd)
-            x = x + blk.mlp(blk.norm2(x))
-        out.append(m64.head(m64.norm(x))[:, 0].double())
-    return torch.stack(out, 1)
-
-
-@needs_ext
-def test_engine_bf16_cache_against_a_rounded_reference():
-    model = build()  # fp32 tables and head: the only rounding is the cache's
-    idx = torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(5))
-    want = reference_decode(model, idx, lambda t: t.to(torch.bfloat16).double())
-    eng = inf.DecodeEngine(model, batch_size=3, kv_dtype=torch.bfloat16)
-    got = torch.stack([eng.prefill(idx[:, :1])] + [eng.step(idx[:, t]) for t in range(1, 9)], 1)
-    assert rel_err(got, want) < 1e-5
-    # and the fp32 cache against the same reference without rounding
-    eng32 = inf.DecodeEngine(model, batch_size=3)
-    got32 = torch.stack([eng32.prefill(idx[:, :1])] + [eng32.step(idx[:, t]) for t in range(1, 9)], 1)
-    assert rel_err(got32, reference_decode(model, idx, lambda t: t)) < 1e-5
-
-
-@needs_ext
-@pytest.mark.parametrize("tables", ["float32", "int8"])
-def test_engine_greedy_generation_equals_eager(tables):
-    model = build()
-    if tables == "int8":
-        to_inference(model, "int8")
-        inf.quantize_model(model, "int8")
-    from memoryformer.generate import generate
-
-    prompt = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(4))
-    eng = inf.DecodeEngine(model, batch_size=2, kv_dtype=torch.float32)
-    out = eng.generate(prompt, 20)
-    assert torch.equal(out, generate(model, prompt, 20, temperature=0, kv_cache=False))
-    assert inf.DecodeEngine(model, batch_size=2).kv_dtype == (torch.float32 if tables == "float32" else torch.bfloat16)
-
-
-@needs_ext
-def test_engine_refuses_what_it_cannot_run():
-    model = build()
-    eng = inf.DecodeEngine(model, max_seq_len=6)
-    eng.prefill(torch.zeros(1, 4, dtype=torch.long))
-    eng.step(torch.zeros(1, dtype=torch.long))
-    eng.step(torch.zeros(1, dtype=torch.long))
-    with pytest.raises(ValueError, match="max_seq_len"):
-        eng.step(torch.zeros(1, dtype=torch.long))
-    with pytest.raises(ValueError, match="batch_size=1"):
-        eng.prefill(torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="ids"):
-        eng.step(torch.zeros(1, 1, dtype=torch.long))
-    with pytest.raises(RuntimeError, match="out of range"):
-        eng.prefill(torch.full((1, 2), 300, dtype=torch.long))
-    with pytest.raises(mf.MemoryFormerError, match="hash_projection"):
-        inf.DecodeEngine(build(hash_projection=True))
-    dense = mf.build_model(mf.get_config("micro-dense", n_layer=1, d_model=32, n_head=2, vocab_size=50))
-    with pytest.raises(mf.MemoryFormerError, match="MemoryFormer"):
-        inf.DecodeEngine(dense)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Loading small and saving
 
 
-def test_load_for_inference_matches_quantize_model(tmp_path):
+def test_load_for_inference_matches_freeze(tmp_path):
     model = build()
     mf.save_model(model, tmp_path / "ck")
     got = inf.load_for_inference(tmp_path / "ck", tables="int8", head="int8")
-    want = inf.quantize_model(to_inference(build(), "int8"), "int8")
+    want = inf.freeze(build(), "int8")
     idx = torch.randint(0, 300, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(got(idx)[0], want(idx)[0], rtol=0, atol=1e-6)
@@ -260,7 +102,7 @@ def test_load_for_inference_matches_quantize_model(tmp_path):
     # and converted on the way in: int8 file -> bf16 tables and head
     bf = inf.load_for_inference(tmp_path / "q", tables="bfloat16", head="bfloat16", embed="float32")
     qkv = got.blocks[0].attn.qkv
-    assert torch.equal(bf.blocks[0].attn.qkv.tables, dequantize_rows(qkv.tables, qkv.table_scale, torch.bfloat16))
+    assert torch.equal(bf.blocks[0].attn.qkv.tables, dequantize_rows(qkv.tables, qkv.scale, torch.bfloat16))
     assert torch.equal(bf.head.weight, dequantize_rows(got.head.weight, got.head.scale, torch.bfloat16))
     assert isinstance(bf.embed, nn.Embedding) and bf.embed.weight.dtype == torch.float32
 
@@ -275,7 +117,7 @@ def test_generate_takes_the_engine_for_a_frozen_model_and_matches_eager(tmp_path
     assert inf.frozen(model) and isinstance(model.head, inf.QuantizedLinear)
     prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(1))
     fast = generate(model, prompt, 50, temperature=0)  # 56 tokens: past max_seq_len = 40, the window slides
-    eng = inf._ENGINES[model][1]  # the engine ran (its cache in bf16: the eager model is compared in fp32 above)
+    eng = engine_mod._ENGINES[model][1]  # the engine ran (its cache in bf16: the eager model is compared in fp32 above)
     assert eng.kv_dtype == torch.bfloat16
     head = eng.generate(prompt, 34)  # 40 tokens from the engine, then the eager model on the sliding window
     assert fast.shape == (1, 56) and torch.equal(fast, generate(model, head, 16, temperature=0, engine=False))
@@ -294,34 +136,44 @@ def test_generate_takes_the_engine_for_a_frozen_model_and_matches_eager(tmp_path
     # a trained (unfrozen) model keeps the eager reference unless asked
     plain = build()
     generate(plain, prompt, 3, temperature=0)
-    assert plain not in inf._ENGINES
+    assert plain not in engine_mod._ENGINES
     with pytest.raises(ValueError, match="engine"):
         generate(build(hash_projection=True), prompt, 2, engine=True)
 
 
-def test_to_inference_freezes_tables_head_and_embedding():
+def test_freeze_freezes_tables_head_and_embedding():
     idx = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = build()(idx)[0]
         for dtype, head in (("int8", torch.int8), ("bfloat16", torch.bfloat16), ("float16", None)):
-            model = mf.to_inference(build(), dtype)
+            model = mf.freeze(build(), dtype)
             assert model.blocks[0].attn.qkv.tables.dtype == getattr(torch, dtype)
             if head is None:
                 assert isinstance(model.head, nn.Linear) and isinstance(model.embed, nn.Embedding)
             else:
                 assert model.head.weight.dtype == head and model.embed.weight.dtype == head
-            # the same as freezing the parts one by one (a random model's hash codes flip under any rounding, so
-            # the fp32 model is no reference here; the head's own tolerance is tested above)
-            parts = to_inference(build(), dtype)
+            # the same as freezing the parts one by one with the primitives (a random model's hash codes flip
+            # under any rounding, so the fp32 model is no reference here; the head's own tolerance is tested above)
+            parts = build()
+            for m in parts.modules():
+                if isinstance(m, MemoryLayer):
+                    m.freeze(dtype)
             if head is not None:
-                inf.quantize_model(parts, head)
+                parts.head, parts.embed = inf.freeze_rows(parts.head, head), inf.freeze_rows(parts.embed, head)
             torch.testing.assert_close(model(idx)[0], parts(idx)[0], rtol=0, atol=0)
             assert model(idx)[0].shape == want.shape
-        dense = mf.to_inference(mf.build_model(mf.get_config("micro-dense", n_layer=1, d_model=32, n_head=2,
-                                                             vocab_size=50)), "int8")
+        dense = mf.freeze(mf.build_model(mf.get_config("micro-dense", n_layer=1, d_model=32, n_head=2,
+                                                       vocab_size=50)), "int8")
         assert isinstance(dense.head, inf.QuantizedLinear)
+        # the embedding alone, and back to float32 from int8
+        mixed = mf.freeze(build(), None, head="bfloat16", embedding="int8")
+        assert mixed.head.weight.dtype == torch.bfloat16 and mixed.embed.weight.dtype == torch.int8
+        back = mf.freeze(mixed, None, head="float32", embedding="float32")
+        assert isinstance(back.head, nn.Linear) and back.embed.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="head"):
-        mf.to_inference(build(), "int8", head="float16")
+        mf.freeze(build(), "int8", head="float16")
+    with pytest.raises(ValueError, match="tables"):
+        mf.freeze(build(), "int4")
 
 
 def test_load_with_tables_checks_the_files(tmp_path):
@@ -336,6 +188,22 @@ def test_load_with_tables_checks_the_files(tmp_path):
         mf.load(bad, tables="int8", verify=False)
     with pytest.raises(mf.MemoryFormerError, match="tables"):
         mf.load(ck, tables="int4")
+
+
+def test_int8_files_keep_their_keys_and_an_older_layout_is_one_clear_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    mf.save_model(mf.freeze(build(), "int8"), tmp_path / "q")
+    f = tmp_path / "q" / "model.safetensors"
+    state, meta = load_file(f), _metadata(f)
+    int8 = {k for k, v in state.items() if v.dtype == torch.int8}
+    assert int8 == {"embed.weight", "head.weight"} | {k for k in state if k.endswith(".tables")}
+    assert {k for k in state if k.endswith("scale")} == {k.rsplit(".", 1)[0] + ".scale" for k in int8}
+    old = {k.replace(".scale", ".table_scale") if k.startswith("blocks.") else k: v for k, v in state.items()}
+    save_file(old, f, metadata=meta)
+    with pytest.raises(mf.MemoryFormerError, match=r"blocks\.0\.attn\.qkv\.table_scale.*export") as e:
+        mf.load(tmp_path / "q", verify=False)
+    assert "\n" not in str(e.value)
 
 
 def _metadata(path: Path) -> dict:

@@ -10,7 +10,6 @@ import torch
 
 import memoryformer.ops as ops
 from memoryformer import MemoryLayer
-from memoryformer.layers import to_inference
 from memoryformer.ops import cpu, lookup_reference, memory_lookup, quantize_rows, resolve_backend
 
 CPU_BACKENDS = ["reference", "embedding_bag", "cpu"]
@@ -98,7 +97,7 @@ def test_fused_inference_layer_matches_reference(weighting, temperature, table_d
     ref_layer.load_state_dict(layer.state_dict())
     if table_dtype != torch.float32:
         for m in (layer, ref_layer):
-            m.to_inference(table_dtype)
+            m.freeze(table_dtype)
     x = torch.randn(tokens, 4 * tau)
     x[0, :3] = 0.0  # sign(0) = +1
     with torch.no_grad():
@@ -142,19 +141,19 @@ def test_int8_lookup_folds_scale(backend):
 
 
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 2e-2), ("int8", 2e-2), ("float16", 2e-3)])
-def test_to_inference_keeps_outputs(dtype, tol):
+def test_freeze_keeps_outputs(dtype, tol):
     torch.manual_seed(0)
     layer = MemoryLayer(64, 48, tau=8)
     x = torch.randn(4, 64)
     with torch.no_grad():
         want = layer(x)
-        to_inference(layer, dtype)
+        layer.freeze(dtype)
         got = layer(x)
     assert got.dtype == torch.float32 and not layer.tables.requires_grad
     assert layer.active_backend() == "cpu"
     assert (got - want).abs().max() <= tol * want.abs().max()
     sd = layer.state_dict()
-    assert ("table_scale" in sd) == (dtype == "int8")
+    assert ("scale" in sd) == (dtype == "int8")
     assert "int8" in repr(layer) or dtype != "int8"
 
 
@@ -163,7 +162,7 @@ def test_auto_choice_on_cpu():
     assert layer.active_backend() == "cpu"
     with torch.no_grad():
         assert layer.active_backend() == "cpu"
-    assert layer.to_inference("int8").active_backend() == "cpu"
+    assert layer.freeze("int8").active_backend() == "cpu"
     assert resolve_backend("auto", torch.empty(2, 4, 3, device="meta")).name == "reference"
 
 
@@ -183,7 +182,7 @@ def test_unknown_backend_rejected():
     with pytest.raises(ValueError, match="backend"):
         MemoryLayer(16, 8, tau=4, backend="fast")
     with pytest.raises(ValueError, match="dtype"):
-        MemoryLayer(16, 8, tau=4).to_inference("int4")
+        MemoryLayer(16, 8, tau=4).freeze("int4")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "auto"])

@@ -88,20 +88,20 @@ def test_table_options_reads_finished_runs_by_their_folder_names(tmp_path, capsy
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
     run("micro-memoryformer-weighting=release", 350.0)
-    run("micro-memoryformer-weighting=release-table_optim=rowwise-table_dtype=bf16", 385.0)
+    run("micro-memoryformer-weighting=release-table_optim=rowwise-table_dtype=bfloat16", 385.0)
     run("micro-memoryformer-weighting=release-table_optim=rowwise", 360.0, steps=122)  # unfinished: left out
     run("micro-memoryformer", 999.0)  # another weighting's reference: not read with --mf-set
     out = _load("table_options").main(["--runs", str(tmp_path), "--seeds", "0", "--mf-set", "weighting=release",
                                        "--results", str(tmp_path)])
     opts = out["options"]
     assert opts["adamw"]["val_ppl"] == {0: 350.0}
-    assert opts["-table_optim=rowwise-table_dtype=bf16"]["ratio_mean"] == pytest.approx(1.1)
+    assert opts["-table_optim=rowwise-table_dtype=bfloat16"]["ratio_mean"] == pytest.approx(1.1)
     assert opts["-table_optim=rowwise"]["seeds"] == []
     # MF-base on one 80 GB GPU: the faithful recipe does not fit, the row-wise rule with bf16 tables does
     assert opts["adamw"]["base_fits"] is False and opts["adamw"]["base_state_gb"] > 100
-    assert opts["-table_optim=rowwise-table_dtype=bf16"]["base_fits"] is True
-    assert opts["-table_optim=rowwise-table_dtype=bf16"]["base_state_gb"] < 60
-    assert "-table_optim=partial-rowwise-adam-table_dtype=bf16" in opts
+    assert opts["-table_optim=rowwise-table_dtype=bfloat16"]["base_fits"] is True
+    assert opts["-table_optim=rowwise-table_dtype=bfloat16"]["base_state_gb"] < 60
+    assert "-table_optim=partial-rowwise-adam-table_dtype=bfloat16" in opts
     assert "weighting=release" in (tmp_path / "table_options_micro.md").read_text().splitlines()[0]
     with pytest.raises(SystemExit):
         _load("table_options").main(["--runs", str(tmp_path), "--mf-set", "weighting"])

@@ -38,13 +38,13 @@ def test_decode_matches_float64_reference(ext, dtype, tau):
     for weighting, t, n, with_bias in (("code", 1.0, 1, True), ("paper", 0.7, 2, False), ("code", 0.5, 2, True)):
         layer = mf.MemoryLayer(3 * tau, 40, tau=tau, weighting=weighting, temperature=t, bias=with_bias).eval()
         if dtype != "float32":
-            layer.to_inference(dtype)
+            layer.freeze(dtype)
         x = torch.randn(n, 3 * tau)
         x[0, 0] = 0.0  # sign(0) = +1
         bias = None if layer.bias is None else layer.bias.detach()
         bias_before = None if bias is None else bias.clone()
-        got = ext.decode(x, layer.tables, layer.table_scale, bias, tau, weighting == "code", t)
-        want = _reference(x, layer.tables, layer.table_scale, bias, tau, weighting, t)
+        got = ext.decode(x, layer.tables, layer.scale, bias, tau, weighting == "code", t)
+        want = _reference(x, layer.tables, layer.scale, bias, tau, weighting, t)
         tol = 1e-5 if dtype in ("float32", "int8") else 1e-6  # tables are exact in every dtype; sums in fp32
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
         if bias is not None:
@@ -91,15 +91,15 @@ def test_threaded_prefetching_gather_matches_float64_reference(ext, dtype, tau):
     torch.manual_seed(tau)
     layer = mf.MemoryLayer(13 * tau, 1000, tau=tau).eval()
     if dtype != "float32":
-        layer.to_inference(dtype)
+        layer.freeze(dtype)
     x = torch.randn(2, 13 * tau)
-    want = _reference(x, layer.tables, layer.table_scale, layer.bias.detach(), tau, "code", 1.0)
+    want = _reference(x, layer.tables, layer.scale, layer.bias.detach(), tau, "code", 1.0)
     before = cpu_ext.threads()
     try:
         for threads, prefetch in ((1, 0), (1, 8), (2, 8), (2, 3)):
             cpu_ext.threads(threads)
             ext.set_prefetch(prefetch)
-            got = ext.decode(x, layer.tables, layer.table_scale, layer.bias.detach(), tau, True, 1.0)
+            got = ext.decode(x, layer.tables, layer.scale, layer.bias.detach(), tau, True, 1.0)
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     finally:
         ext.set_prefetch(8)

@@ -25,8 +25,8 @@ from memoryformer.optim import (
 )
 from memoryformer.train import TrainConfig, resume_config, train
 
-OPTIONS = [("adamw", "fp32"), ("adamw", "bf16"), ("rowwise", "fp32"), ("rowwise", "bf16"),
-           ("partial-rowwise-adam", "fp32")]
+OPTIONS = [("adamw", "float32"), ("adamw", "bfloat16"), ("rowwise", "float32"), ("rowwise", "bfloat16"),
+           ("partial-rowwise-adam", "float32")]
 
 
 def small_cfg(**kw):
@@ -246,7 +246,7 @@ def _model_and_batch(seed=0, **kw):
     return model, x
 
 
-def _tcfg(table_optim="adamw", table_dtype="fp32", **kw):
+def _tcfg(table_optim="adamw", table_dtype="float32", **kw):
     return TrainConfig(out="unused", table_optim=table_optim, table_dtype=table_dtype, **kw)
 
 
@@ -293,11 +293,11 @@ def test_groups_and_state_of_the_row_wise_options():
     st = rw.state[qkv]
     assert st["row_sq"].shape == (*qkv.shape[:2], 6) and st["exp_avg"].shape == qkv.shape
     opt.release()
-    with pytest.raises(mf.ConfigError, match="table_dtype: 'bf16', but the model's tables are torch.float32"):
-        build_optimizer(model, _tcfg("rowwise", "bf16"), lr=1e-3)
-    cast_tables(model, "bf16")
+    with pytest.raises(mf.ConfigError, match="table_dtype: 'bfloat16', but the model's tables are torch.float32"):
+        build_optimizer(model, _tcfg("rowwise", "bfloat16"), lr=1e-3)
+    cast_tables(model, "bfloat16")
     assert qkv.dtype == torch.bfloat16 and model.embed.weight.dtype == torch.float32
-    build_optimizer(model, _tcfg("rowwise", "bf16"), lr=1e-3).release()
+    build_optimizer(model, _tcfg("rowwise", "bfloat16"), lr=1e-3).release()
 
 
 def test_sparse_marking_is_released_and_other_backends_still_train():
@@ -390,7 +390,7 @@ def _train_cfg(corpus, out, **kw):
 
 def test_bf16_rowwise_training_learns_and_resumes_bit_identically(corpus, tmp_path):
     a = tmp_path / "a"
-    train(small_cfg(), _train_cfg(corpus, a, table_optim="rowwise", table_dtype="bf16", max_steps=12, ckpt_every=6))
+    train(small_cfg(), _train_cfg(corpus, a, table_optim="rowwise", table_dtype="bfloat16", max_steps=12, ckpt_every=6))
     recs = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["loss"] < recs[0]["loss"] - 1.0
     weights = load_file(a / "final" / "model.safetensors")
@@ -403,7 +403,7 @@ def test_bf16_rowwise_training_learns_and_resumes_bit_identically(corpus, tmp_pa
     b.mkdir()
     shutil.copytree(a / "ckpt-6", b / "ckpt-6")
     cfg, t, _ = resume_config(b)
-    assert (t.table_optim, t.table_dtype) == ("rowwise", "bf16")
+    assert (t.table_optim, t.table_dtype) == ("rowwise", "bfloat16")
     train(cfg, t, resume=b)
     for name in ("model.safetensors", "optimizer.safetensors"):
         wa, wb = load_file(a / "final" / name), load_file(b / "final" / name)
@@ -419,15 +419,15 @@ def test_cli_flags_reach_the_config():
 
     p = argparse.ArgumentParser()
     add_train(p)
-    args = p.parse_args(["--table-optim", "partial-rowwise-adam", "--table-dtype", "bf16"])
-    assert (args.table_optim, args.table_dtype) == ("partial-rowwise-adam", "bf16")
+    args = p.parse_args(["--table-optim", "partial-rowwise-adam", "--table-dtype", "bfloat16"])
+    assert (args.table_optim, args.table_dtype) == ("partial-rowwise-adam", "bfloat16")
     with pytest.raises(SystemExit):
         p.parse_args(["--table-optim", "lion"])
 
 
 def test_training_optimizer_is_what_dcp_expects():
     model, _ = _model_and_batch()
-    opt = build_optimizer(model, _tcfg("rowwise", "fp32"), lr=1e-3)
+    opt = build_optimizer(model, _tcfg("rowwise", "float32"), lr=1e-3)
     assert isinstance(opt, TrainingOptimizer) and len(list(opt)) == 2
     osd = get_optimizer_state_dict(model, opt)
     assert "blocks.0.mlp.l2.tables" in osd["state"] and "embed.weight" in osd["state"]

@@ -12,6 +12,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,7 +180,7 @@ def _edited_config(src, dst, **fields):
     ({"rotary_pct": math.inf}, "rotary_pct: expected a finite number"),
 ], ids=["d_model", "temperature-nan", "rotary_pct-nan", "rotary_pct-inf"])
 def test_generate_and_resume_name_the_config_field(paths, tmp_path, capsys, fields, match):
-    edited = _edited_config(ck.Path(paths["ck"]), tmp_path / "gen", **fields)
+    edited = _edited_config(Path(paths["ck"]), tmp_path / "gen", **fields)
     expect_one_line(["generate", "--checkpoint", str(edited), "--prompt", "hi"], match, capsys)
     run = tmp_path / "run"
     shutil.copytree(paths["run"], run)
@@ -251,7 +252,7 @@ API_CASES = [
     ("layer-hash-float-codes", lambda: _layer()(torch.randn(2, 16), hash=(torch.zeros(2, 4), torch.ones(2, 4))),
      TypeError, "hash: expected int64/int32 codes"),
     ("ffn-activation", lambda: mf.MemoryFFN(16, 4, activation="relu"), ValueError, "activation: expected None"),
-    ("to-inference-dtype", lambda: _layer().to_inference("int4"), ValueError, "dtype: expected one of"),
+    ("freeze-dtype", lambda: _layer().freeze("int4"), ValueError, "dtype: expected one of"),
     ("model-token-too-big", lambda: _tiny()(torch.tensor([[1, 50304]])), ValueError,
      "idx: token id 50304 is outside the vocabulary [0, 50304)"),
     ("model-token-neg", lambda: _tiny()(torch.tensor([[-1, 2]])), ValueError, "idx: token id -1 is outside"),

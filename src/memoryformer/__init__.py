@@ -17,7 +17,7 @@ __version__ = "0.3.1"
 _EXPORTS = {
     "ConfigError": "config", "MemoryFormerError": "config", "ModelConfig": "config", "TrainConfig": "config",
     "get_config": "config", "preset_names": "config",
-    "MemoryLayer": "layers", "MemoryFFN": "layers", "MemoryBlock": "layers", "to_inference": "inference",
+    "MemoryLayer": "layers", "MemoryFFN": "layers", "MemoryBlock": "layers", "freeze": "inference",
     "MemoryFormer": "model", "Transformer": "model", "LanguageModel": "model", "KVCache": "model",
     "build_model": "model",
     "save_model": "checkpoint", "load": ("checkpoint", "load_model"),

@@ -32,14 +32,18 @@ BIT_ORDERS = ("msb", "lsb")
 BLOCK_ACTIVATIONS = (None, "gelu")
 ATTENTIONS = ("softmax", "linformer", "cosformer", "performer")
 BACKENDS = ("auto", "reference", "embedding_bag", "cpu", "triton")
-INFERENCE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # frozen table dtypes (`to_inference`, --tables)
+# The one dtype vocabulary of the API and the command line. Each name is a torch attribute (getattr(torch, name));
+# `memoryformer.ops.quant.torch_dtype` is the one place that resolves it.
+DTYPES = ("float32", "bfloat16", "float16", "int8")
+INFERENCE_DTYPES = DTYPES  # frozen tables (`freeze`, --tables); int8: one float32 scale per row
+ROW_DTYPES = ("float32", "bfloat16", "int8")  # the LM head and the token embedding when frozen
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"  # a checkpoint folder's model files
 TABLES_KEY = "memoryformer.inference_tables"  # safetensors metadata: "<table dtype>/<activation dtype>"
 HEAD_KEY = "memoryformer.inference_head"  # "<head dtype>/<embedding dtype>" when head and embedding are quantised
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TABLE_OPTIMS = ("adamw", "rowwise", "partial-rowwise-adam")  # memory-table optimizer rules (memoryformer.optim)
-TABLE_DTYPES = ("fp32", "bf16")  # memory-table storage while training
+TABLE_DTYPES = ("float32", "bfloat16")  # memory-table storage while training
 # model fields one architecture ignores: a resumed run is compared on the others only (a dense control saved when
 # the default weighting was "release" resumes under any default)
 MEMORY_ONLY_FIELDS = ("tau", "expand_bits", "weighting", "temperature", "block_activation", "memory_bias", "bit_order",
@@ -308,7 +312,7 @@ class TrainConfig(_Serialisable):
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     table_optim: str = "adamw"  # memory tables: "adamw" (the recipe), "rowwise", "partial-rowwise-adam" (optim.py)
-    table_dtype: str = "fp32"  # memory-table storage: "fp32" or "bf16" (updates stochastically rounded)
+    table_dtype: str = "float32"  # memory-table storage: "float32" or "bfloat16" (updates stochastically rounded)
     max_steps: int | None = None  # the run's length in optimizer steps (sets the LR schedule) ...
     max_tokens: int | None = None  # ... or in training tokens ...
     time_budget: float | None = None  # ... or in seconds (also a hard stop for the other two); this run only

@@ -1,7 +1,7 @@
 """Training memory: parameters, gradients, optimizer state, activations and transients, per preset and option.
 
     from memoryformer.footprint import footprint, report
-    print(report("base", batch=4, seq_len=2048, table_optim="rowwise", table_dtype="bf16", gpu_mem="80GB"))
+    print(report("base", batch=4, seq_len=2048, table_optim="rowwise", table_dtype="bfloat16", gpu_mem="80GB"))
     memoryformer memory base --batch 4 --seq-len 2048 --gpu-mem 80GB      # every option
 
 What is counted (bytes; P_d dense and P_t table parameters, tb = 4 (fp32) or 2 (bf16) bytes per table entry):
@@ -47,7 +47,7 @@ from memoryformer.config import ModelConfig, get_config
 from memoryformer.optim import TABLE_DTYPES, TABLE_OPTIMS
 
 GB = 1e9
-_TB = {"fp32": 4, "bf16": 2, "float32": 4, "bfloat16": 2}  # bytes per table entry, by table_dtype
+_TB = {"float32": 4, "bfloat16": 2}  # bytes per table entry, by table_dtype
 _STEP_SLICES = 6 * (1 << 22) * 4  # the table optimizers' fp32 temporaries of one slice
 
 
@@ -155,7 +155,7 @@ def _transient_bytes(shapes: dict, tb: int, table_optim: str, sparse_rows: bool,
 
 
 def footprint(config: str | ModelConfig, batch: int = 1, seq_len: int | None = None, *,
-              table_optim: str = "adamw", table_dtype: str = "fp32", accum: int = 1, sparse_rows: bool = False,
+              table_optim: str = "adamw", table_dtype: str = "float32", accum: int = 1, sparse_rows: bool = False,
               device: str = "cuda", hit_fraction: float | None = None, gpu_mem: str | float | None = None,
               runtime_gb: float | None = None, reserve: float | None = None) -> dict:
     """Training memory of one process (bytes) for `batch` sequences of `seq_len` tokens per forward.
@@ -218,7 +218,7 @@ def _gb(x: float) -> str:
 
 
 def report(config: str | ModelConfig, batch: int = 1, seq_len: int | None = None, table_optim: str = "adamw",
-           table_dtype: str = "fp32", gpu_mem: str | float | None = "80GB", **kw) -> str:
+           table_dtype: str = "float32", gpu_mem: str | float | None = "80GB", **kw) -> str:
     """`footprint` as text: each term, the peak and whether it fits `gpu_mem`."""
     f = footprint(config, batch, seq_len, table_optim=table_optim, table_dtype=table_dtype, gpu_mem=gpu_mem, **kw)
     name = config if isinstance(config, str) else f"{f['arch']} {config.n_layer}x{config.d_model}"

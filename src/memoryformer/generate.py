@@ -80,7 +80,7 @@ def generate(
 
     `engine`: decode through the compiled CPU engine (`memoryformer.inference.DecodeEngine`: the whole step in one
     C++ call over a static cache, the same numbers up to float rounding). None (default): when the model is frozen
-    for inference (`memoryformer.load(path, tables="int8")`, `to_inference`) and the engine can run it; True: always
+    for inference (`memoryformer.load(path, tables="int8")`, `memoryformer.freeze`) and the engine can run it; True: always
     (an error if it cannot); False: never (the eager model, the reference).
     """
     _check(max_new_tokens, temperature, top_k, top_p)

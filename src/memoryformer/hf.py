@@ -156,7 +156,7 @@ def from_memoryformer(model_or_path: torch.nn.Module | str | os.PathLike) -> Mem
     else:
         model = model_or_path
     if any(getattr(m, "activation_dtype", None) is not None for m in model.modules()):
-        raise ValueError("model: tables frozen by to_inference cannot be wrapped for transformers; wrap the trained "
+        raise ValueError("model: tables frozen by memoryformer.freeze cannot be wrapped for transformers; wrap the trained "
                          "model and convert afterwards")
     hf = MemoryFormerForCausalLM(MemoryFormerHFConfig(memoryformer=model.config.to_dict()), model=model)
     return hf.eval() if not model.training else hf

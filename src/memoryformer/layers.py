@@ -11,23 +11,19 @@ import torch.nn as nn
 from memoryformer.config import (
     BIT_ORDERS,
     DEFAULT_WEIGHTING,
-    INFERENCE_DTYPES,
     WEIGHTINGS,
     canonical_weighting,
 )
 from memoryformer.ops import (
     backend_names,
     chunk_hash,
-    dequantize_rows,
     memory_layer,
     memory_lookup,
-    quantize_rows,
     resolve_backend,
 )
+from memoryformer.ops.quant import to_storage, torch_dtype
 from memoryformer.ops.reference import lsb_first
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
-assert tuple(TORCH_DTYPES) == INFERENCE_DTYPES
 
 
 class MemoryLayer(nn.Module):
@@ -55,7 +51,7 @@ class MemoryLayer(nn.Module):
 
     Shapes: input (..., in_features) floating; output (..., out_features) in the tables' dtype.
     Parameters: `tables` (K, 2**tau, out_features), `bias` (out_features,) or None, `proj` (with hash_projection).
-    After `to_inference("int8")` the tables are frozen int8 and a `table_scale` (K, 2**tau) buffer holds one scale
+    After `freeze("int8")` the tables are frozen int8 and a `scale` (K, 2**tau) buffer holds one scale
     per row; `activation_dtype` then holds the dtype the outputs keep (None while the tables train).
     """
 
@@ -99,8 +95,8 @@ class MemoryLayer(nn.Module):
         self.proj = nn.Linear(in_features, in_features, **factory) if hash_projection else None
         self.tables = nn.Parameter(torch.empty(self.n_tables, 2**tau, out_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.register_buffer("table_scale", None)  # (K, 2**tau) float32 for int8 inference tables
-        self.activation_dtype: torch.dtype | None = None  # set by to_inference: the outputs keep this dtype
+        self.register_buffer("scale", None)  # (K, 2**tau) float32 row scales of int8 inference tables
+        self.activation_dtype: torch.dtype | None = None  # set by freeze: the outputs keep this dtype
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, bias_std: float = 0.001) -> None:
@@ -154,12 +150,12 @@ class MemoryLayer(nn.Module):
             self._check_input(x)
             y = memory_layer(
                 self.hash_input(x), self.tables, self.bias, tau=self.tau, weighting=self.weighting, temperature=self.temperature,
-                backend=self.backend, scale=self.table_scale,
+                backend=self.backend, scale=self.scale,
             )
         else:
             codes, weights = hash
             self._check_hash(x, codes, weights)
-            y = memory_lookup(codes, weights, self.tables, self.bias, backend=self.backend, scale=self.table_scale)
+            y = memory_lookup(codes, weights, self.tables, self.bias, backend=self.backend, scale=self.scale)
         return y if self.activation_dtype is None else y.to(self.activation_dtype)
 
     def active_backend(self) -> str:
@@ -169,28 +165,24 @@ class MemoryLayer(nn.Module):
     kernel = active_backend  # the name before 0.2
 
     @torch.no_grad()
-    def to_inference(self, dtype: str | torch.dtype = "int8") -> MemoryLayer:
+    def freeze(self, dtype: str | torch.dtype = "int8") -> MemoryLayer:
         """Freeze the tables for inference as "float32", "bfloat16", "float16" or "int8" (one scale per row).
 
         Outputs keep the dtype the layer produced before (the tables' old dtype), so the rest of the model is
-        unchanged. The tables no longer train; state_dict then holds `tables` in the new dtype (and `table_scale`).
+        unchanged. The tables no longer train; state_dict then holds `tables` in the new dtype (and `scale`).
         """
-        dtype = TORCH_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-        if dtype not in TORCH_DTYPES.values():
-            raise ValueError(f"dtype: expected one of {list(INFERENCE_DTYPES)}, got {dtype!r}")
-        if self.table_scale is not None:
-            tables = dequantize_rows(self.tables, self.table_scale)
-        else:
-            tables = self.tables.detach()
-        if self.activation_dtype is None:
-            self.activation_dtype = tables.dtype
-        if dtype == torch.int8:
-            q, scale = quantize_rows(tables)
-            self.tables = nn.Parameter(q, requires_grad=False)
-            self.table_scale = scale
-        else:
-            self.tables = nn.Parameter(tables.to(dtype), requires_grad=False)
-            self.table_scale = None
+        dt = torch_dtype(dtype)
+        act = self.activation_dtype or self.tables.dtype
+        return self.set_frozen(*to_storage(self.tables.detach(), self.scale, dt), activation_dtype=act)
+
+    def set_frozen(self, tables: torch.Tensor, scale: torch.Tensor | None, activation_dtype: torch.dtype) -> MemoryLayer:
+        """Install frozen tables (K, 2**tau, h) as they are, with their row `scale` (K, 2**tau) float32 when int8;
+        outputs are cast to `activation_dtype`. What `freeze` and the streaming loader both end with."""
+        if tables.dtype == torch.int8 and scale is None:
+            raise ValueError("tables: int8 tables need their row scale")
+        self.tables = nn.Parameter(tables, requires_grad=False)
+        self.scale = scale if tables.dtype == torch.int8 else None
+        self.activation_dtype = activation_dtype
         return self
 
     def extra_repr(self) -> str:
@@ -245,15 +237,6 @@ class MemoryFFN(nn.Module):
 
 
 MemoryBlock = MemoryFFN
-
-
-@torch.no_grad()
-def to_inference(model: nn.Module, dtype: str | torch.dtype = "int8") -> nn.Module:
-    """Convert every MemoryLayer in `model` to frozen inference tables (see `MemoryLayer.to_inference`)."""
-    for m in model.modules():
-        if isinstance(m, MemoryLayer):
-            m.to_inference(dtype)
-    return model
 
 
 def small_init_std(d_model: int) -> float:

@@ -2,7 +2,7 @@
 
 The faithful recipe (spec §5) is the default: AdamW (0.9, 0.95), eps 1e-8, decoupled weight decay 0.1 on the
 matrices and the tables, global gradient-norm clipping at 1.0, fp32 tables (`table_optim="adamw"`,
-`table_dtype="fp32"`: one `torch.optim.AdamW` over all groups, as the trainer always built it).
+`table_dtype="float32"`: one `torch.optim.AdamW` over all groups, as the trainer always built it).
 
 The tables hold nearly all parameters (MF-tiny 415 M of 466 M, MF-base 6.64 B of 6.75 B), and AdamW keeps two
 fp32 moments per table element besides the dense table gradient. The other options (see `memoryformer.footprint`
@@ -16,8 +16,8 @@ table_optim
         PARTIAL_ROWWISE_ADAM, with per-row step counts).
 
 table_dtype
-    "fp32"
-    "bf16"  tables stored in bfloat16. The kernels sum in fp32; each update is computed in fp32 and written back
+    "float32"
+    "bfloat16"  tables stored in bfloat16. The kernels sum in fp32; each update is computed in fp32 and written back
         by stochastic rounding (`stochastic_round`, unbiased: E[round(x)] = x), so updates far below bf16's
         resolution (2^-8 relative) are not lost; there is no fp32 master copy.
 
@@ -38,10 +38,10 @@ from typing import Iterable
 import torch
 
 from memoryformer.config import TABLE_DTYPES, TABLE_OPTIMS, ConfigError
+from memoryformer.ops.quant import torch_dtype
 
 __all__ = ["TABLE_DTYPES", "TABLE_OPTIMS", "RowwiseAdam", "TableAdamW", "TrainingOptimizer", "build_optimizer",
            "cast_tables", "stochastic_round"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _CHUNK_ELEMS = 1 << 22  # elements per slice of a table update: bounds the fp32 temporaries (16 MB each)
 
 
@@ -73,13 +73,14 @@ def _write_back(dst: torch.Tensor, x32: torch.Tensor) -> torch.Tensor:
 
 
 def cast_tables(model: torch.nn.Module, table_dtype: str) -> torch.nn.Module:
-    """Store every Memory Layer table of `model` as `table_dtype` ("fp32" or "bf16", round to nearest), in place.
+    """Store every Memory Layer table of `model` as `table_dtype` ("float32" or "bfloat16", round to nearest), in
+    place.
 
     Call it before wrapping the model (DDP) and before loading a checkpoint into it, then build the optimizer.
     """
     if table_dtype not in TABLE_DTYPES:
         raise ConfigError(f"table_dtype: expected one of {TABLE_DTYPES}, got {table_dtype!r}")
-    dtype = _DTYPES[table_dtype]
+    dtype = torch_dtype(table_dtype, "table_dtype", TABLE_DTYPES)
     for p in _tables(model):
         if p.dtype != dtype:
             p.data = p.data.to(dtype)
@@ -378,25 +379,25 @@ def build_optimizer(model: torch.nn.Module, cfg, *, lr: float, fused: bool = Fal
 
     Args:
         cfg: a TrainConfig, or any object with its fields weight_decay, exclude_tables_from_wd, beta1, beta2, eps,
-            table_optim and table_dtype (the last two default to "adamw" and "fp32" when missing).
+            table_optim and table_dtype (the last two default to "adamw" and "float32" when missing).
         lr: the initial LR of every group (the training loop sets it per step).
         fused: fused AdamW for the dense groups (CUDA); else foreach.
         sparse_rows: sparse table gradients of the touched rows (row-wise rules only). None: when every table is
             on the CPU and no process group with several ranks is running.
     Groups: "decay", "no_decay" (AdamW, as `model.param_groups`), then the tables: "tables" in the same AdamW
-    (adamw + fp32), or "tables" / "tables_qkv" in the table optimizer.
+    (adamw + float32), or "tables" / "tables_qkv" in the table optimizer.
     """
     table_optim = getattr(cfg, "table_optim", "adamw")
-    table_dtype = getattr(cfg, "table_dtype", "fp32")
+    table_dtype = getattr(cfg, "table_dtype", "float32")
     if table_optim not in TABLE_OPTIMS:
         raise ConfigError(f"table_optim: expected one of {TABLE_OPTIMS}, got {table_optim!r}")
     if table_dtype not in TABLE_DTYPES:
         raise ConfigError(f"table_dtype: expected one of {TABLE_DTYPES}, got {table_dtype!r}")
     tables = _tables(model)
-    if (table_optim, table_dtype) != ("adamw", "fp32") and any(hasattr(p, "to_local") for p in model.parameters()):
+    if (table_optim, table_dtype) != ("adamw", "float32") and any(hasattr(p, "to_local") for p in model.parameters()):
         raise ConfigError(f"table_optim/table_dtype: {table_optim!r}/{table_dtype!r} work on whole tables; with "
-                          "FSDP use the default adamw/fp32 (or train with DDP)")
-    wrong = {str(p.dtype) for p in tables if p.dtype != _DTYPES[table_dtype]}
+                          "FSDP use the default adamw/float32 (or train with DDP)")
+    wrong = {str(p.dtype) for p in tables if p.dtype != torch_dtype(table_dtype, "table_dtype", TABLE_DTYPES)}
     if wrong:
         raise ConfigError(f"table_dtype: {table_dtype!r}, but the model's tables are {sorted(wrong)[0]}; "
                           "call memoryformer.optim.cast_tables(model, table_dtype) first")
@@ -404,7 +405,7 @@ def build_optimizer(model: torch.nn.Module, cfg, *, lr: float, fused: bool = Fal
     groups = model.param_groups(cfg.weight_decay, 0.0 if cfg.exclude_tables_from_wd else None)
     adamw = dict(lr=lr, betas=betas, eps=cfg.eps, fused=fused or None, foreach=None if fused else True)
     params = list(model.parameters())  # clipped in this order, as the trainer always did
-    if table_optim == "adamw" and table_dtype == "fp32":
+    if table_optim == "adamw" and table_dtype == "float32":
         return TrainingOptimizer([torch.optim.AdamW(groups, **adamw)], params)
 
     dense = [g for g in groups if g["name"] != "tables"]

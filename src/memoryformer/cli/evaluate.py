@@ -153,7 +153,7 @@ def add_memory(p) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's max_seq_len)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--table-optim", choices=TABLE_OPTIMS, default=None, help="one option (default: a table of all)")
-    p.add_argument("--table-dtype", choices=TABLE_DTYPES, default="fp32")
+    p.add_argument("--table-dtype", choices=TABLE_DTYPES, default="float32")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda adds the runtime and a 10%% reserve; cpu counts sparse table rows (default cuda)")
     p.add_argument("--gpu-mem", default="80GB", help="GPU size to check the fit against (default 80GB)")

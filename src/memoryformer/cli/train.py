@@ -43,7 +43,7 @@ TRAIN_HELP = {
     "grad_clip": "max gradient norm, 0 = off (default 1.0)",
     "table_optim": "memory-table optimizer: adamw (the paper's recipe, default), rowwise (one second moment per "
     "row segment, only hit rows move) or partial-rowwise-adam (rowwise + per-element momentum)",
-    "table_dtype": "memory-table storage: fp32 (default) or bf16 (fp32 sums, stochastically rounded updates)",
+    "table_dtype": "memory-table storage: float32 (default) or bfloat16 (fp32 sums, stochastically rounded updates)",
     "max_steps": "run length in optimizer steps",
     "max_tokens": "run length in training tokens (e.g. 5e6); default: 20 per parameter of the dense control",
     "time_budget": "run length in time (e.g. 600, 10m, 2h): sets the schedule if no steps/tokens are given, "

@@ -1,28 +1,45 @@
-"""Inference tables: int8 with one scale per row (symmetric), dequantised on gather.
+"""Frozen weights: the dtype vocabulary, and int8 with one scale per row (symmetric), dequantised on read.
 
-A row r of table k is stored as q[k, r] (int8, |q| <= 127) and scale[k, r] (float32), T[k, r] ~= scale[k, r] * q[k, r].
-Because the lookup multiplies each fetched row by a per-token weight anyway, the scale folds into that weight
-(`memory_lookup(..., scale=scale)`), so kernels read int8 rows and never a dequantised table.
+One storage convention for every frozen row-major weight (Memory Layer tables, LM head, token embedding): the
+module keeps the int8 tensor under its usual name (`tables`, `weight`) and its row scales in a float32 buffer
+`scale` of the tensor's shape without the last dim. Row r is stored as q[r] (int8, |q| <= 127) and scale[r],
+W[r] ~= scale[r] * q[r]. Because a Memory Layer lookup multiplies each fetched row by a per-token weight anyway, the
+scale folds into that weight (`memory_lookup(..., scale=scale)`), so kernels read int8 rows and never a dequantised
+table.
 """
 
 from __future__ import annotations
 
 import torch
 
+from memoryformer.config import DTYPES
+
+
+def torch_dtype(name: str | torch.dtype, what: str = "dtype", allowed: tuple[str, ...] = DTYPES) -> torch.dtype:
+    """The torch dtype of `name` (one of `allowed`, `memoryformer.config.DTYPES` by default; a torch.dtype of those
+    passes through), else a ValueError naming `what` and the choices."""
+    key = dtype_name(name) if isinstance(name, torch.dtype) else name
+    if key not in allowed:
+        raise ValueError(f"{what}: expected one of {list(allowed)}, got {name!r}")
+    return getattr(torch, key)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16": the vocabulary's name of a torch dtype."""
+    return str(dtype).removeprefix("torch.")
+
 
 def quantize_rows(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """tables (..., h) float -> (q (..., h) int8, scale (...) float32), round-to-nearest, absmax per row.
-
-    Used for Memory Layer tables (K, R, h) and, with one scale per output row, for the LM head and embedding."""
+    """tables (..., h) float -> (q (..., h) int8, scale (...) float32), round-to-nearest, absmax per row."""
     t = tables.detach().float()
-    scale = t.abs().amax(dim=-1) / 127.0  # (K, R)
+    scale = t.abs().amax(dim=-1) / 127.0  # (...)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale reproduces it
     q = torch.round(t / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of `quantize_rows` (up to rounding): (K, R, h) in `dtype`."""
+    """Inverse of `quantize_rows` (up to rounding): (..., h) in `dtype`."""
     return (q.to(torch.float32) * scale[..., None]).to(dtype)
 
 
@@ -33,3 +50,19 @@ def quantize_rows_into(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor)
     s = torch.where(s > 0, s, torch.ones_like(s))
     scale.copy_(s)
     q.copy_(rows.div_(s[..., None]).round_().clamp_(-127, 127))
+
+
+@torch.no_grad()
+def to_storage(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
+    """(stored rows, scale or None) of weight `w` (float rows, or int8 rows with their `scale`) frozen as `dtype`:
+    int8 rows are kept as they are when `dtype` is int8, else dequantised first; float rows are quantised
+    (`quantize_rows`) or cast. The one conversion behind every freeze (`memoryformer.freeze`, the loader)."""
+    if w.dtype == torch.int8:
+        if scale is None:
+            raise ValueError("weight: int8 rows need their scale")
+        if dtype == torch.int8:
+            return w, scale.float()
+        w = dequantize_rows(w, scale)
+    if dtype == torch.int8:
+        return quantize_rows(w)
+    return w.detach().to(dtype), None

@@ -5,12 +5,20 @@
 // (layer, batch, head, max_seq_len, head_dim) -> causal softmax attention over the cache -> no output projection
 // -> residual; RMSNorm -> Memory Layer d -> (tau+e)K -> LayerNorm -> [GELU] -> Memory Layer -> d -> residual.
 // The same numbers as the eager model (memoryformer.model), in fp32 for every table, head and cache dtype.
+// Each step below names the Python function it mirrors; a change to one needs the same change in the other
+// (tests/test_inference_engine.py compares them field by field).
+//
+// The seam with Python (memoryformer/inference/engine.py) is named: a dict of config fields (`engine_config`),
+// a dict of the model's tensors outside the blocks by state-dict name (`model_tensors`) and one dict per block of
+// its tensors by `MemoryFormerBlock` state-dict name (`block_tensors`). Each entry is read by name, and one that
+// is never read is an error, so a field added on the Python side cannot be silently ignored here.
 //
 // Threads: the pool's workers split each gather's output columns, the attention's (row, head) pairs and the head's
 // vocabulary rows; hashes, norms and rotary (a few thousand floats) stay on the calling thread.
 #include <torch/extension.h>
 
 #include <map>
+#include <set>
 #include <string>
 
 #include "kernels.h"
@@ -35,16 +43,54 @@ struct BlockW {
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-MemW mem_w(const c10::optional<at::Tensor>& tables, const c10::optional<at::Tensor>& scale,
-           const c10::optional<at::Tensor>& bias, int64_t tau, int64_t h_expected) {
-  TORCH_CHECK(tables.has_value() && tables->dim() == 3 && tables->is_contiguous(), "engine: tables (K, R, h) contiguous");
+// Entries of a Python dict read by name; `finish()` fails on any entry nobody read.
+class Named {
+ public:
+  Named(pybind11::dict d, std::string what) : d_(std::move(d)), what_(std::move(what)) {}
+  bool has(const std::string& k) const { return d_.contains(k) && !d_[pybind11::str(k)].is_none(); }
+  template <typename T>
+  T get(const std::string& k) {
+    TORCH_CHECK(d_.contains(k), "engine: ", what_, " has no '", k, "'");
+    read_.insert(k);
+    return d_[pybind11::str(k)].cast<T>();
+  }
+  at::Tensor need(const std::string& k) {
+    TORCH_CHECK(has(k), "engine: ", what_, " '", k, "' is missing");
+    read_.insert(k);
+    return d_[pybind11::str(k)].cast<at::Tensor>();
+  }
+  c10::optional<at::Tensor> opt(const std::string& k) {
+    read_.insert(k);
+    if (!has(k)) return c10::nullopt;
+    return d_[pybind11::str(k)].cast<at::Tensor>();
+  }
+  void finish() const {
+    for (auto item : d_) {
+      const auto k = item.first.cast<std::string>();
+      TORCH_CHECK(read_.count(k), "engine: ", what_, " '", k, "' is not read by the engine (teach ",
+                  "ops/csrc/engine.cpp to use it, or keep it out of memoryformer/inference/engine.py)");
+    }
+  }
+
+ private:
+  pybind11::dict d_;
+  std::string what_;
+  std::set<std::string> read_;
+};
+
+// A Memory Layer's `tables` (K, R, h), `scale` (K, R) for int8 and `bias` (h,) under `prefix` (MemoryLayer's
+// state-dict names).
+MemW mem_w(Named& t, const std::string& prefix, int64_t tau, int64_t h_expected) {
+  auto tables = t.opt(prefix + "tables"), scale = t.opt(prefix + "scale"), bias = t.opt(prefix + "bias");
+  TORCH_CHECK(tables.has_value() && tables->dim() == 3 && tables->is_contiguous(), "engine: ", prefix,
+              "tables (K, R, h) contiguous");
   MemW m;
   m.tables = *tables;
   m.K = m.tables.size(0);
   m.R = m.tables.size(1);
   m.h = m.tables.size(2);
   m.tau = tau;
-  TORCH_CHECK(m.R == (int64_t(1) << tau) && m.h == h_expected, "engine: table shape does not match the config");
+  TORCH_CHECK(m.R == (int64_t(1) << tau) && m.h == h_expected, "engine: ", prefix, "tables shape does not match the config");
   m.dt = m.tables.scalar_type();
   m.tab = m.tables.data_ptr();
   if (scale.has_value()) {
@@ -94,46 +140,57 @@ void gelu(float* x, int64_t n) {
 
 class Engine {
  public:
-  Engine(std::vector<int64_t> dims, std::vector<double> reals, std::vector<bool> flags, at::ScalarType kv_dtype,
-         at::Tensor embed, c10::optional<at::Tensor> embed_scale, at::Tensor head, c10::optional<at::Tensor> head_scale,
-         at::Tensor final_norm, at::Tensor cos, at::Tensor sin, std::vector<c10::optional<at::Tensor>> blocks)
-      : kv_dtype_(kv_dtype) {
-    TORCH_CHECK(dims.size() == 10, "engine: dims = [n_layer, d, n_head, rot, max_seq, batch, vocab, tau, tau2, hidden]");
-    L_ = dims[0], d_ = dims[1], nh_ = dims[2], rot_ = dims[3], S_ = dims[4], B_ = dims[5], V_ = dims[6];
-    tau_ = dims[7], tau2_ = dims[8], hid_ = dims[9];
+  // config: engine_config(); model: model_tensors(); blocks: block_tensors() of each block (inference/engine.py).
+  Engine(pybind11::dict config, pybind11::dict model, std::vector<pybind11::dict> blocks) {
+    Named c(config, "config field");
+    L_ = c.get<int64_t>("n_layer"), d_ = c.get<int64_t>("d_model"), nh_ = c.get<int64_t>("n_head");
+    rot_ = c.get<int64_t>("rotary_dims"), S_ = c.get<int64_t>("cache_len"), B_ = c.get<int64_t>("batch_size");
+    V_ = c.get<int64_t>("vocab_size"), tau_ = c.get<int64_t>("tau");
+    tau2_ = tau_ + c.get<int64_t>("expand_bits");
+    hid_ = tau2_ * (d_ / tau_);  // ModelConfig.block_hidden
     hd_ = d_ / nh_;
-    TORCH_CHECK(reals.size() == 3 && flags.size() == 3, "engine: reals = [temperature, rms_eps, ln_eps], "
-                "flags = [code_weighting, msb, gelu]");
-    c_ = static_cast<float>(2.0 / reals[0]);
-    rms_eps_ = static_cast<float>(reals[1]);
-    ln_eps_ = static_cast<float>(reals[2]);
-    code_w_ = flags[0], msb_ = flags[1], gelu_ = flags[2];
-    TORCH_CHECK(kv_dtype == at::kFloat || kv_dtype == at::kBFloat16, "engine: kv cache must be float32 or bfloat16");
-    embed_ = embed.contiguous();
-    head_ = head.contiguous();
+    c_ = static_cast<float>(2.0 / c.get<double>("temperature"));
+    rms_eps_ = static_cast<float>(c.get<double>("rms_eps"));
+    ln_eps_ = static_cast<float>(c.get<double>("ln_eps"));
+    const auto weighting = c.get<std::string>("weighting"), bit_order = c.get<std::string>("bit_order");
+    const auto activation = c.get<std::string>("block_activation");
+    TORCH_CHECK(weighting == "release" || weighting == "paper", "engine: weighting '", weighting, "' unknown");
+    TORCH_CHECK(bit_order == "msb" || bit_order == "lsb", "engine: bit_order '", bit_order, "' unknown");
+    TORCH_CHECK(activation == "none" || activation == "gelu", "engine: block_activation '", activation, "' unknown");
+    code_w_ = weighting == "release", msb_ = bit_order == "msb", gelu_ = activation == "gelu";
+    kv_dtype_ = c.get<at::ScalarType>("kv_dtype");
+    c.finish();
+    TORCH_CHECK(kv_dtype_ == at::kFloat || kv_dtype_ == at::kBFloat16, "engine: kv cache must be float32 or bfloat16");
+
+    Named m(model, "model tensor");
+    embed_ = m.need("embed.weight").contiguous();
+    head_ = m.need("head.weight").contiguous();
     TORCH_CHECK(embed_.size(0) >= V_ && embed_.size(1) == d_ && head_.size(0) == V_ && head_.size(1) == d_,
                 "engine: embedding / head shapes do not match the config");
-    if (embed_scale.has_value()) embed_scale_ = f32(*embed_scale);
-    if (head_scale.has_value()) head_scale_ = f32(*head_scale);
-    final_norm_ = f32(final_norm);
-    cos_ = f32(cos);
-    sin_ = f32(sin);
+    if (auto s = m.opt("embed.scale")) embed_scale_ = f32(*s);
+    if (auto s = m.opt("head.scale")) head_scale_ = f32(*s);
+    final_norm_ = f32(m.need("norm.weight"));
+    cos_ = f32(m.need("rotary.cos"));
+    sin_ = f32(m.need("rotary.sin"));
+    m.finish();
     TORCH_CHECK(rot_ == 0 || (cos_.size(0) >= S_ && cos_.size(1) == rot_), "engine: rotary tables do not match");
-    TORCH_CHECK(static_cast<int64_t>(blocks.size()) == 13 * L_, "engine: 13 tensors per block expected");
-    for (int64_t l = 0; l < L_; ++l) {
-      const auto* t = blocks.data() + 13 * l;
-      BlockW b;
-      b.norm1 = f32(*t[0]);
-      b.qkv = mem_w(t[1], t[2], t[3], tau_, 3 * d_);
-      b.norm2 = f32(*t[4]);
-      b.l1 = mem_w(t[5], t[6], t[7], tau_, hid_);
-      b.ln_w = f32(*t[8]);
-      b.ln_b = f32(*t[9]);
-      b.l2 = mem_w(t[10], t[11], t[12], tau2_, d_);
+
+    TORCH_CHECK(static_cast<int64_t>(blocks.size()) == L_, "engine: ", L_, " blocks expected, got ", blocks.size());
+    for (auto& names : blocks) {
+      Named t(names, "block tensor");
+      BlockW b;  // MemoryFormerBlock's state-dict names
+      b.norm1 = f32(t.need("norm1.weight"));
+      b.qkv = mem_w(t, "attn.qkv.", tau_, 3 * d_);
+      b.norm2 = f32(t.need("norm2.weight"));
+      b.l1 = mem_w(t, "mlp.l1.", tau_, hid_);
+      b.ln_w = f32(t.need("mlp.norm.weight"));
+      b.ln_b = f32(t.need("mlp.norm.bias"));
+      b.l2 = mem_w(t, "mlp.l2.", tau2_, d_);
+      t.finish();
       TORCH_CHECK(b.qkv.K * tau_ == d_ && b.l1.K * tau_ == d_ && b.l2.K * tau2_ == hid_, "engine: K does not match");
       blocks_.push_back(std::move(b));
     }
-    auto opt = at::TensorOptions().dtype(kv_dtype);
+    auto opt = at::TensorOptions().dtype(kv_dtype_);
     kc_ = at::zeros({L_, B_, nh_, S_, hd_}, opt);
     vc_ = at::zeros({L_, B_, nh_, S_, hd_}, opt);
     x_.assign(B_ * d_, 0.f);
@@ -206,7 +263,8 @@ class Engine {
     });
   }
 
-  // y (B, h) = Memory Layer m of x (B, K*tau), each row with its own hash.
+  // y (B, h) = Memory Layer m of x (B, K*tau), each row with its own hash. Mirrors MemoryLayer.forward
+  // (layers.py): ops.reference.chunk_hash (Eq. 3-10) then the weighted gather of Eq. 11-12.
   void memory_layer(const MemW& m, const float* x, float* y, int phase) {
     for (int64_t b = 0; b < B_; ++b)
       mfk::hash_chunks(x + b * m.K * m.tau, m.K, m.tau, msb_, code_w_, c_, m.sc, rows_.data() + b * m.K,
@@ -248,6 +306,8 @@ class Engine {
     }
   }
 
+  // Mirrors attention() and KVCache.attend (model.py): rotary (Rotary.forward) on q and k, the new k/v written
+  // at position pos_, causal softmax over the cache; no output projection (MemoryAttention.forward).
   template <typename KV>
   void attention(int64_t l) {
     KV* kc = reinterpret_cast<KV*>(kc_.data_ptr()) + l * B_ * nh_ * S_ * hd_;
@@ -274,6 +334,8 @@ class Engine {
     });
   }
 
+  // Mirrors MemoryFormerBlock.forward (model.py): x + attn(norm1 x), then x + mlp(norm2 x), with mlp
+  // MemoryFFN.forward (layers.py): l2(norm(act(l1 x))).
   void block(int64_t l) {
     const BlockW& bw = blocks_[l];
     for (int64_t b = 0; b < B_; ++b) rms_norm(x_.data() + b * d_, bw.norm1.data_ptr<float>(), d_, rms_eps_, xn_.data() + b * d_);
@@ -362,9 +424,8 @@ class Engine {
 
 void register_engine(pybind11::module& m) {
   pybind11::class_<Engine>(m, "Engine")
-      .def(pybind11::init<std::vector<int64_t>, std::vector<double>, std::vector<bool>, at::ScalarType, at::Tensor,
-                          c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>, at::Tensor, at::Tensor,
-                          at::Tensor, std::vector<c10::optional<at::Tensor>>>())
+      .def(pybind11::init<pybind11::dict, pybind11::dict, std::vector<pybind11::dict>>(), pybind11::arg("config"),
+           pybind11::arg("model"), pybind11::arg("blocks"))
       .def("forward", &Engine::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("head", &Engine::head, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("pos", &Engine::pos)

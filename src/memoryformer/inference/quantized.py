@@ -1,0 +1,134 @@
+"""The LM head and token embedding frozen for inference: weight-only int8 (one float32 scale per row) or bfloat16.
+
+State-dict keys follow the one storage convention of `memoryformer.ops.quant`: `weight` (int8 or bfloat16, the
+nn.Linear / nn.Embedding shape) and, for int8, `scale` (rows,) float32; a frozen model saves `head.weight`,
+`head.scale`, `embed.weight`, `embed.scale`. Outputs are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memoryformer.config import ROW_DTYPES
+from memoryformer.ops import cpu_ext
+from memoryformer.ops.quant import dtype_name, to_storage, torch_dtype
+
+SMALL_M = 8  # rows of x up to which the compiled GEMV runs the head (decode); above, ATen's matmul (prefill, eval)
+STORED = ("bfloat16", "int8")  # what a quantised row module holds (float32 stays nn.Linear / nn.Embedding)
+
+
+class _QuantizedRows(nn.Module):
+    """A (rows, cols) weight stored int8 (one fp32 scale per row, absmax) or bfloat16, as buffers `weight` (+ `scale`)."""
+
+    def __init__(self, rows: int, cols: int, dtype, device):
+        super().__init__()
+        dt = torch_dtype(dtype, "dtype", STORED)
+        self.register_buffer("weight", torch.empty(rows, cols, dtype=dt, device=device))
+        self.register_buffer("scale", torch.empty(rows, device=device) if dt == torch.int8 else None)
+
+    @torch.no_grad()
+    def load_weight(self, w: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Set the weight from float (rows, cols) values, or from int8 rows plus their scales as they are."""
+        self.weight, self.scale = to_storage(w, scale, self.weight.dtype)
+
+    @classmethod
+    @torch.no_grad()
+    def _from(cls, w: torch.Tensor, scale: torch.Tensor | None, dtype, *shape):
+        q = cls(*shape, dtype, device="meta")
+        q.load_weight(w, scale)
+        return q
+
+
+class QuantizedLinear(_QuantizedRows):
+    """`nn.Linear` without bias, weight stored int8 (one fp32 scale per output row, absmax) or bfloat16.
+
+    forward: x (..., in_features) -> (..., out_features) float32 logits of x @ (stored weight)^T, accumulated in
+    fp32. Up to `SMALL_M` rows run the compiled GEMV (rows dequantised in registers, every core); more rows
+    (prefill, evaluation) run ATen matmuls over blocks of dequantised rows.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: str | torch.dtype = "int8", device=None):
+        super().__init__(out_features, in_features, dtype, device)
+        self.in_features, self.out_features = in_features, out_features
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, dtype: str | torch.dtype = "int8") -> QuantizedLinear:
+        """From an `nn.Linear` without bias (or another `QuantizedLinear`, converted)."""
+        if getattr(linear, "bias", None) is not None:
+            raise ValueError("linear: QuantizedLinear has no bias (the LM head has none)")
+        w, s = rows_of(linear)
+        return cls._from(w, s, dtype, linear.in_features, linear.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        ext = cpu_ext.get() if x2.device.type == "cpu" and x2.shape[0] <= SMALL_M else None
+        y = ext.gemv(x2, self.weight, self.scale) if ext is not None else _blocked_matmul(x2.float(), self.weight, self.scale)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={dtype_name(self.weight.dtype)}"
+
+
+def _blocked_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, block: int = 4096) -> torch.Tensor:
+    """x (M, d) float32 @ (w * scale)^T -> (M, V) float32, dequantising `block` rows of w at a time (no fp32 copy of
+    the whole weight)."""
+    out = x.new_empty(x.shape[0], w.shape[0])
+    for r in range(0, w.shape[0], block):
+        torch.mm(x, w[r : r + block].to(x.dtype).T, out=out[:, r : r + block])
+        if scale is not None:
+            out[:, r : r + block] *= scale[r : r + block]
+    return out
+
+
+class QuantizedEmbedding(_QuantizedRows):
+    """`nn.Embedding` stored int8 (one fp32 scale per token row) or bfloat16; forward returns float32 rows."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: str | torch.dtype = "int8", device=None):
+        super().__init__(num_embeddings, embedding_dim, dtype, device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    @classmethod
+    def from_float(cls, emb: nn.Module, dtype: str | torch.dtype = "int8") -> QuantizedEmbedding:
+        """From an `nn.Embedding` (or another `QuantizedEmbedding`, converted)."""
+        w, s = rows_of(emb)
+        return cls._from(w, s, dtype, emb.num_embeddings, emb.embedding_dim)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (...) ids -> (..., embedding_dim) float32
+        rows = F.embedding(idx, self.weight).float()
+        return rows if self.scale is None else rows * self.scale[idx, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={dtype_name(self.weight.dtype)}"
+
+
+def rows_of(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, scale or None) of a head or embedding, quantised or not."""
+    if isinstance(m, (QuantizedLinear, QuantizedEmbedding)):
+        return m.weight, m.scale
+    return m.weight.detach(), None
+
+
+@torch.no_grad()
+def freeze_rows(m: nn.Module, dtype: str | torch.dtype) -> nn.Module:
+    """The head (nn.Linear / QuantizedLinear) or embedding (nn.Embedding / QuantizedEmbedding) `m` frozen as
+    `dtype` ("int8", "bfloat16", "float32"): a quantised module, or for float32 the plain module (`m` itself when
+    it is one already, else its weights dequantised into a frozen one)."""
+    dt = torch_dtype(dtype, "dtype", ROW_DTYPES)
+    linear = isinstance(m, (nn.Linear, QuantizedLinear))
+    if dt != torch.float32:
+        return (QuantizedLinear if linear else QuantizedEmbedding).from_float(m, dt)
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        return m
+    return plain_rows(m, to_storage(*rows_of(m), torch.float32)[0])
+
+
+def plain_rows(like: nn.Module, w: torch.Tensor) -> nn.Module:
+    """A frozen float nn.Linear (no bias) / nn.Embedding with the shape of `like` holding `w`."""
+    linear = isinstance(like, (nn.Linear, QuantizedLinear))
+    shape = (like.in_features, like.out_features) if linear else (like.num_embeddings, like.embedding_dim)
+    new = (nn.Linear(*shape, bias=False, device="meta") if linear else nn.Embedding(*shape, device="meta"))
+    new.weight = nn.Parameter(w, requires_grad=False)
+    return new
