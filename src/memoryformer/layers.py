@@ -17,10 +17,11 @@ from memoryformer.config import (
 )
 from memoryformer.ops import (
     backend_names,
-    chunk_hash,
     dequantize_rows,
+    memory_hash,
     memory_layer,
     memory_lookup,
+    pack_tables,
     quantize_rows,
     resolve_backend,
 )
@@ -52,11 +53,15 @@ class MemoryLayer(nn.Module):
             itself. Off by default: the paper and both released configs hash x directly.
         backend: which kernel runs the gather: "auto" (default: Triton on CUDA, the "cpu" kernels on CPU),
             "reference", "embedding_bag", "cpu", "triton"; see `memoryformer.ops`.
+        sparse_grad: give `tables` a sparse COO gradient of the rows hit (as `nn.Embedding(sparse=True)`) where the
+            backend offers one ("cpu"); dense elsewhere. For optimizers that update only the rows hit: the optimizer
+            setup sets it (`memoryformer.optim.build_optimizer`, `sparse_table_grads`).
 
     Shapes: input (..., in_features) floating; output (..., out_features) in the tables' dtype.
     Parameters: `tables` (K, 2**tau, out_features), `bias` (out_features,) or None, `proj` (with hash_projection).
     After `to_inference("int8")` the tables are frozen int8 and a `table_scale` (K, 2**tau) buffer holds one scale
-    per row; `activation_dtype` then holds the dtype the outputs keep (None while the tables train).
+    per row; `activation_dtype` then holds the dtype the outputs keep (None while the tables train). Frozen int8
+    tables are also kept in the layout the backend's kernel reads (`packed_tables`, not saved; made on first use).
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class MemoryLayer(nn.Module):
         bit_order: str = "msb",
         hash_projection: bool = False,
         backend: str = "auto",
+        sparse_grad: bool = False,
         device=None,
         dtype=None,
     ):
@@ -94,12 +100,14 @@ class MemoryLayer(nn.Module):
         self.in_features, self.out_features, self.tau = in_features, out_features, tau
         self.n_tables = in_features // tau
         self.weighting, self.temperature, self.backend = weighting, float(temperature), backend
-        self.bit_order = bit_order
+        self.bit_order, self.sparse_grad = bit_order, bool(sparse_grad)
         factory = dict(device=device, dtype=dtype)
         self.proj = nn.Linear(in_features, in_features, **factory) if hash_projection else None
         self.tables = nn.Parameter(torch.empty(self.n_tables, 2**tau, out_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("table_scale", None)  # (K, 2**tau) float32 for int8 inference tables
+        self.register_buffer("packed_tables", None, persistent=False)  # `_packed`: frozen tables, kernel layout
+        self._packed_of: tuple | None = None  # (tables, version, device) packed_tables was made from
         self.activation_dtype: torch.dtype | None = None  # set by to_inference: the outputs keep this dtype
         self.reset_parameters()
 
@@ -147,26 +155,39 @@ class MemoryLayer(nn.Module):
     def hash(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (..., K) int64, weights (..., K) float). Share it across layers with the same input and tau."""
         self._check_input(x)
-        return chunk_hash(self.hash_input(x), self.tau, weighting=self.weighting, temperature=self.temperature)
+        return memory_hash(self.hash_input(x), self.tables, tau=self.tau, weighting=self.weighting,
+                           temperature=self.temperature, backend=self.backend)
 
     def forward(self, x: torch.Tensor, hash: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if hash is None:
             self._check_input(x)
             y = memory_layer(
-                self.hash_input(x), self.tables, self.bias, tau=self.tau, weighting=self.weighting, temperature=self.temperature,
-                backend=self.backend, scale=self.table_scale,
+                self.hash_input(x), self.tables, self.bias, tau=self.tau, weighting=self.weighting,
+                temperature=self.temperature, backend=self.backend, scale=self.table_scale,
+                sparse_grad=self.sparse_grad, packed=self._packed(),
             )
         else:
             codes, weights = hash
             self._check_hash(x, codes, weights)
-            y = memory_lookup(codes, weights, self.tables, self.bias, backend=self.backend, scale=self.table_scale)
+            y = memory_lookup(codes, weights, self.tables, self.bias, backend=self.backend, scale=self.table_scale,
+                              sparse_grad=self.sparse_grad)
         return y if self.activation_dtype is None else y.to(self.activation_dtype)
+
+    def _packed(self) -> torch.Tensor | None:
+        """Frozen int8 tables in the layout the backend's kernel reads (`ops.pack_tables`), made again whenever the
+        tables are replaced, modified or moved; None for float or trainable tables."""
+        t = self.tables
+        if t.is_floating_point() or t.requires_grad or torch.compiler.is_compiling():
+            return None
+        made = self._packed_of
+        if made is None or made[0] is not t or made[1:] != (t._version, t.device):
+            self.packed_tables = pack_tables(t, backend=self.backend)
+            self._packed_of = (t, t._version, t.device)
+        return self.packed_tables
 
     def active_backend(self) -> str:
         """Name of the backend that runs for the current tables (and grad mode)."""
         return resolve_backend(self.backend, self.tables).name
-
-    kernel = active_backend  # the name before 0.2
 
     @torch.no_grad()
     def to_inference(self, dtype: str | torch.dtype = "int8") -> MemoryLayer:
@@ -198,6 +219,7 @@ class MemoryLayer(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, tau={self.tau}, "
             f"K={self.n_tables}, bias={self.bias is not None}, weighting={self.weighting!r}, "
             f"temperature={self.temperature}, backend={self.backend!r}"
+            + (", sparse_grad=True" if self.sparse_grad else "")
             + (f", bit_order={self.bit_order!r}" if self.bit_order != "msb" else "")
             + (", hash_projection=True" if self.proj is not None else "")
             + (f", tables={str(self.tables.dtype).removeprefix('torch.')}" if self.activation_dtype is not None else "")
