@@ -44,7 +44,7 @@ class MemoryLayer(nn.Module):
         bias: add a learned bias of shape (out_features,).
         weighting: "paper" (default): prod_j sigmoid(2|z_j|/t), Eq. 10 (lower validation PPL at equal tokens:
             benchmarks/results/weighting_evidence.md); "release": ||z||_1 * prod_j sigmoid(2|z_j|/t), as the
-            authors' released code ("code" is accepted as its former name).
+            authors' released code ("code" is accepted as an alias).
         temperature: t.
         bit_order: "msb" (default; Fig. 2 and the authors' code): chunk element j is bit tau-1-j of the row index;
             "lsb" (Eq. 4 as printed): element j is bit j. The two only permute each table's rows; pick the one a
@@ -61,7 +61,7 @@ class MemoryLayer(nn.Module):
     Parameters: `tables` (K, 2**tau, out_features), `bias` (out_features,) or None, `proj` (with hash_projection).
     After `to_inference("int8")` the tables are frozen int8 and a `table_scale` (K, 2**tau) buffer holds one scale
     per row; `activation_dtype` then holds the dtype the outputs keep (None while the tables train). Frozen int8
-    tables are also kept in the layout the backend's kernel reads (`packed_tables`, not saved; made on first use).
+    tables are also kept in the layout the backend's kernel reads (`packed_tables`, made on first use).
     """
 
     def __init__(
@@ -106,8 +106,8 @@ class MemoryLayer(nn.Module):
         self.tables = nn.Parameter(torch.empty(self.n_tables, 2**tau, out_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("table_scale", None)  # (K, 2**tau) float32 for int8 inference tables
-        self.register_buffer("packed_tables", None, persistent=False)  # `_packed`: frozen tables, kernel layout
-        self._packed_of: tuple | None = None  # (tables, version, device) packed_tables was made from
+        self.packed_tables: torch.Tensor | None = None  # see `_packed`; an attribute, not a buffer: never saved,
+        self._packed_of: tuple | None = None  # moved or broadcast; (tables, version, device) it was made from
         self.activation_dtype: torch.dtype | None = None  # set by to_inference: the outputs keep this dtype
         self.reset_parameters()
 

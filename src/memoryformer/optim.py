@@ -1,8 +1,8 @@
 """Optimizers for training: AdamW on the dense weights, and a choice of rules and storage for the memory tables.
 
-The faithful recipe (spec §5) is the default: AdamW (0.9, 0.95), eps 1e-8, decoupled weight decay 0.1 on the
-matrices and the tables, global gradient-norm clipping at 1.0, fp32 tables (`table_optim="adamw"`,
-`table_dtype="fp32"`: one `torch.optim.AdamW` over all groups, as the trainer always built it).
+The faithful recipe (the authors' released configs) is the default: AdamW (0.9, 0.95), eps 1e-8, decoupled weight
+decay 0.1 on the matrices and the tables, global gradient-norm clipping at 1.0, fp32 tables (`table_optim="adamw"`,
+`table_dtype="fp32"`: one `torch.optim.AdamW` over all groups).
 
 The tables hold nearly all parameters (MF-tiny 415 M of 466 M, MF-base 6.64 B of 6.75 B), and AdamW keeps two
 fp32 moments per table element besides the dense table gradient. The other options (see `memoryformer.footprint`
@@ -294,7 +294,7 @@ class TrainingOptimizer:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip all gradients to a global L2 norm of `max_norm` (inf: only measure); returns the norm before."""
-        if self._plain:  # the faithful recipe: exactly as the trainer always clipped
+        if self._plain:  # the faithful recipe: torch's own clipping, the same rounding
             return torch.nn.utils.clip_grad_norm_(self._params, max_norm)
         grads = []
         for p in self._params:
@@ -376,7 +376,7 @@ def build_optimizer(model: torch.nn.Module, cfg, *, lr: float, fused: bool = Fal
     betas = (cfg.beta1, cfg.beta2)
     groups = model.param_groups(cfg.weight_decay, 0.0 if cfg.exclude_tables_from_wd else None)
     adamw = dict(lr=lr, betas=betas, eps=cfg.eps, fused=fused or None, foreach=None if fused else True)
-    params = list(model.parameters())  # clipped in this order, as the trainer always did
+    params = list(model.parameters())  # clipped in this order (it fixes the rounding of the global norm)
     layers = [m for m in model.modules() if isinstance(m, MemoryLayer)]
     sparse_table_grads(layers, enabled=False)  # dense unless the row-wise rule below asks (an earlier one may have)
     if table_optim == "adamw" and table_dtype == "fp32":

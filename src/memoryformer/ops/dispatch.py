@@ -148,7 +148,7 @@ def memory_lookup(codes, weights, tables, bias=None, *, backend: str = "auto", s
     codes (..., K) integer in [0, R); weights (..., K) floating; tables (K, R, h), floating or int8 with `scale`
     (K, R) (one fp32 dequantisation scale per row, see `ops.quant`); bias (h,) or None.
     sparse_grad: the tables' gradient as a sparse COO tensor of the rows hit (backends with `sparse_grad`, "cpu";
-    the others give the dense gradient, which holds the same numbers).
+    the others give the dense gradient; `memoryformer.optim.RowwiseAdam` reads either).
     Returns (..., h) in `reference.result_dtype(weights, tables)`.
     """
     return _lookup(resolve_backend(backend, tables), codes, weights, tables, bias, scale, sparse_grad)
