@@ -63,8 +63,9 @@ def gather_rows(codes: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 
 def similarity(z: torch.Tensor) -> torch.Tensor:
-    """Eq. 8 at the chunk's own bucket: sim(z, h(z)) = <z, sign(z)> = sum_j |z_j|, (..., tau) -> (...)."""
-    return (z * sign(z)).sum(-1)
+    """Eq. 8 at the chunk's own bucket: sim(z, h(z)) = <z, sign(z)> = sum_j |z_j|, (..., tau) -> (...). Written
+    with |z_j|, whose derivative at z_j = 0 autograd (and every backend) takes as 0."""
+    return z.abs().sum(-1)
 
 
 def bucket_probability(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
