@@ -262,7 +262,8 @@ class TrainingOptimizer:
     (global L2 norm over all gradients, sparse table rows included, scaled by min(1, max_norm / (norm + 1e-6)) as
     `torch.nn.utils.clip_grad_norm_`). Iterating yields the underlying `torch.optim.Optimizer`s, which is what
     `torch.distributed.checkpoint.state_dict.{get,set}_optimizer_state_dict` accept, so checkpoints stay keyed
-    `<parameter name>/<state key>`.
+    `<parameter name>/<state key>`. `sparse_layers`: the Memory Layers set to `sparse_grad` for the row-wise rule
+    (`release()` sets them back to dense gradients).
     """
 
     def __init__(self, optimizers: list[torch.optim.Optimizer], params: Iterable[torch.nn.Parameter],
