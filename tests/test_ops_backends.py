@@ -265,6 +265,19 @@ def test_compile_fullgraph_aot_eager(backend):
         torch.testing.assert_close(compiled(x), ref)
 
 
+def test_compile_fullgraph_sparse_grad():
+    """sparse_grad under torch.compile: the touched-rows op's fake has a data-dependent row count."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MemoryLayer(32, 16, tau=4, backend="cpu", sparse_grad=True)
+    x = torch.randn(2, 3, 32)
+    (gt,) = torch.autograd.grad(torch.compile(layer, fullgraph=True, backend="aot_eager")(x).square().sum(),
+                                [layer.tables])
+    layer.sparse_grad = False
+    (want,) = torch.autograd.grad(layer(x).square().sum(), [layer.tables])
+    assert gt.is_sparse and torch.equal(gt.to_dense(), want)
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_inductor():
     torch._dynamo.reset()

@@ -94,7 +94,7 @@ _BYTE_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8) 
 def pack_int8(tables: torch.Tensor) -> torch.Tensor:
     """fbgemm's 8-bit row layout of int8 tables q (K, R, h) or rows q (M, h): (K*R or M, h + 8) uint8 rows
     [q + 128 | scale=1.0 | bias=-128.0]. The per-row scale is folded into the weights before the kernel runs, so
-    the packed rows stay scale-free. A frozen layer keeps this as a buffer (`MemoryLayer`, via `ops.pack_tables`).
+    the packed rows stay scale-free. A frozen layer keeps its own (`MemoryLayer.packed_tables`, `ops.pack_tables`).
     """
     rows = tables.reshape(-1, tables.shape[-1])
     packed = torch.empty(rows.shape[0], rows.shape[1] + 8, dtype=torch.uint8, device=rows.device)
