@@ -210,11 +210,11 @@ def test_hash_projection_hashes_a_learned_linear_of_the_input():
     assert MemoryLayer(16, 6, tau=4).proj is None  # off by default, as in the paper
 
 
-def test_code_is_the_former_name_of_the_release_weighting(tmp_path):
+def test_code_is_accepted_for_the_release_weighting(tmp_path):
     layer = mf.MemoryLayer(16, 8, tau=4, weighting="code")
     assert layer.weighting == "release"
     cfg = mf.get_config("micro", weighting="code")
     assert cfg.weighting == "release"
-    legacy = {**cfg.to_dict(), "weighting": "code"}  # a config.json written before the rename
-    (tmp_path / "config.json").write_text(__import__("json").dumps(legacy))
+    spelt = {**cfg.to_dict(), "weighting": "code"}  # a config.json that spells it "code"
+    (tmp_path / "config.json").write_text(__import__("json").dumps(spelt))
     assert mf.ModelConfig.load(tmp_path / "config.json") == cfg

@@ -1,5 +1,5 @@
-"""CPU backends of the Memory Layer op against the float64 reference; the custom op's registrations; int8/bf16
-inference tables; how "auto" chooses."""
+"""CPU backends of the Memory Layer op against the float64 reference; the custom op's registrations; sparse table
+gradients; int8/bf16 inference tables and their packed rows; how "auto" chooses."""
 
 from __future__ import annotations
 
@@ -76,7 +76,41 @@ def test_cpu_backward_is_deterministic():
 def test_opcheck_cpu_op():
     codes, w, T = _problem(N=6, K=2, R=8, h=5)
     torch.library.opcheck(cpu.lookup_op, (codes, w, T))
+    torch.library.opcheck(cpu.lookup_op, (codes, w, T, True))  # sparse_grad
     torch.library.opcheck(cpu.lookup_op, (codes, w.detach().float(), T.detach().float()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sparse_grad_is_the_dense_gradient_on_the_rows_hit(dtype):
+    codes, w, T = _problem(N=30, K=3, R=64, h=8, dtype=dtype)
+    gy = torch.randn(30, 8, dtype=torch.float64).to(dtype)
+    dense = torch.autograd.grad(memory_lookup(codes, w, T, backend="cpu"), [w, T], gy)
+    sparse = torch.autograd.grad(memory_lookup(codes, w, T, backend="cpu", sparse_grad=True), [w, T], gy)
+    assert sparse[1].is_sparse and sparse[1].dtype == dtype and sparse[1].shape == T.shape
+    assert torch.equal(sparse[0], dense[0])
+    hit = torch.zeros(T.shape[:2], dtype=torch.bool)
+    hit[torch.arange(3), codes] = True
+    assert torch.equal(sparse[1].coalesce().indices(), hit.nonzero().T)  # exactly the rows hit
+    tol = 0 if dtype != torch.bfloat16 else 1e-2  # dense bf16 gradients are summed in fp32 as well
+    torch.testing.assert_close(sparse[1].to_dense(), dense[1], rtol=tol, atol=tol)
+    ref = torch.autograd.grad(lookup_reference(codes, w.double(), T.double()), [T], gy.double())[0]
+    torch.testing.assert_close(sparse[1].to_dense().double(), ref.double(), rtol=1e-2 if tol else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,sparse", [("cpu", True), ("reference", False), ("embedding_bag", False)])
+def test_layer_sparse_grad_setting(backend, sparse):
+    """`sparse_grad` is the layer's: the backends that offer sparse table gradients give them, the others dense."""
+    layer = MemoryLayer(16, 6, tau=4, backend=backend, sparse_grad=True)
+    assert "sparse_grad=True" in repr(layer)
+    x = torch.randn(7, 16)
+    for h in (None, layer.hash(x)):
+        layer.tables.grad = None
+        layer(x, hash=h).sum().backward()
+        assert layer.tables.grad.is_sparse == sparse
+    layer.sparse_grad = False
+    layer.tables.grad = None
+    layer(x).sum().backward()
+    assert not layer.tables.grad.is_sparse
 
 
 def test_gradcheck_through_op_and_layer():
@@ -106,8 +140,30 @@ def test_fused_inference_layer_matches_reference(weighting, temperature, table_d
         ref = ref_layer(x)
     tol = 1e-5 if table_dtype != torch.bfloat16 else 2e-2  # bf16: embedding_bag rounds weights and output to bf16
     assert fused.dtype == torch.float32
-    torch.testing.assert_close(fused, unfused, rtol=tol, atol=tol)
+    assert torch.equal(fused, unfused)  # one hash on this backend, and the same sums
     torch.testing.assert_close(fused, ref, rtol=tol, atol=tol)
+
+
+def test_int8_tables_packed_once_per_tables():
+    torch.manual_seed(0)
+    layer = MemoryLayer(32, 24, tau=8, backend="cpu").freeze("int8")
+    x = torch.randn(9, 32)
+    assert layer.packed_tables is None
+    with torch.no_grad():
+        y = layer(x)
+        packed = layer.packed_tables
+        assert packed is not None and torch.equal(packed, cpu.pack_int8(layer.tables))
+        assert [n for n, _ in layer.named_buffers()] == ["scale"]  # not saved, moved or broadcast
+        layer(x)
+        assert layer.packed_tables is packed  # kept while the tables stay the same
+        unpacked = ops.memory_layer(x, layer.tables, layer.bias, tau=8, backend="cpu", scale=layer.scale)
+        assert torch.equal(y, unpacked.to(y.dtype))  # packed per call: the same sums
+        layer.tables[0, 0, 0] += 1  # in place: packed again
+        layer(x)
+        assert layer.packed_tables is not packed and torch.equal(layer.packed_tables, cpu.pack_int8(layer.tables))
+    rows = layer.tables.reshape(-1, 24).to(torch.int16) + 128
+    assert torch.equal(layer.packed_tables[:, :24].to(torch.int16), rows)  # q + 128 as uint8
+    assert torch.equal(layer.packed_tables[:, 24:].view(torch.float32)[0], torch.tensor([1.0, -128.0]))
 
 
 @pytest.mark.parametrize("tau", [1, 3, 8, 10, 16])
@@ -115,10 +171,14 @@ def test_pack_bits(tau):
     from memoryformer.ops.reference import pack_bits
 
     bits = torch.rand(300, 7, tau) > 0.5
-    want = (bits.long() * 2 ** torch.arange(tau - 1, -1, -1)).sum(-1)
+    want = torch.tensor([[int("".join("1" if b else "0" for b in chunk), 2) for chunk in row] for row in bits.tolist()])
     assert torch.equal(pack_bits(bits), want)
-    assert torch.equal(pack_bits(bits[:, ::2]), want[:, ::2])  # non-contiguous
-    assert torch.equal(pack_bits(bits[:2]), want[:2])  # the small-input path
+    big = bits.repeat(64, 1, 1)  # above the CPU backend's GEMV threshold
+    for fn in (pack_bits, cpu.pack_codes):
+        assert torch.equal(fn(bits), want)
+        assert torch.equal(fn(bits[:, ::2]), want[:, ::2])  # non-contiguous
+        assert torch.equal(fn(bits[:2]), want[:2])
+        assert torch.equal(fn(big), want.repeat(64, 1))
 
 
 def test_quantize_rows_roundtrip():
@@ -202,6 +262,19 @@ def test_compile_fullgraph_aot_eager(backend):
     torch.testing.assert_close(gt, rt)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref)
+
+
+def test_compile_fullgraph_sparse_grad():
+    """sparse_grad under torch.compile: the touched-rows op's fake has a data-dependent row count."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MemoryLayer(32, 16, tau=4, backend="cpu", sparse_grad=True)
+    x = torch.randn(2, 3, 32)
+    (gt,) = torch.autograd.grad(torch.compile(layer, fullgraph=True, backend="aot_eager")(x).square().sum(),
+                                [layer.tables])
+    layer.sparse_grad = False
+    (want,) = torch.autograd.grad(layer(x).square().sum(), [layer.tables])
+    assert gt.is_sparse and torch.equal(gt.to_dense(), want)
 
 
 @pytest.mark.slow

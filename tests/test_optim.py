@@ -21,6 +21,7 @@ from memoryformer.optim import (
     TrainingOptimizer,
     build_optimizer,
     cast_tables,
+    sparse_table_grads,
     stochastic_round,
 )
 from memoryformer.train import TrainConfig, resume_config, train
@@ -196,8 +197,9 @@ def test_touched_rows_backward_matches_float64_dense_gradient():
     assert bool((dense[untouched] == 0).all())
     rows_bf, vals_bf = cpu.touched_rows_backward(g, codes, weights, w0.bfloat16())  # fp32 sums for bf16 tables
     assert vals_bf.dtype == torch.float32 and torch.equal(rows_bf, rows)
-    sp = cpu.touched_rows_grad(g, codes, weights, w0)
-    assert sp.is_sparse and sp.shape == w0.shape and torch.allclose(sp.to_dense().double(), t64.grad, atol=1e-7)
+    t = w0.clone().requires_grad_()
+    memory_lookup(codes, weights, t, backend="cpu", sparse_grad=True).backward(g)  # the rows through the op
+    assert t.grad.is_sparse and torch.allclose(t.grad.to_dense().double(), t64.grad, atol=1e-7)
 
 
 def test_bf16_table_backward_sums_in_fp32():
@@ -221,16 +223,14 @@ def test_sparse_rows_equal_dense_gradients(momentum, dtype):
     for sparse in (False, True):
         torch.manual_seed(1)
         t = torch.nn.Parameter(w0.to(dtype, copy=True))
-        opt = RowwiseAdam([t], lr=1e-2, weight_decay=0.1, momentum=momentum, segments=2, sparse=sparse)
-        assert opt.sparse == sparse
+        opt = RowwiseAdam([t], lr=1e-2, weight_decay=0.1, momentum=momentum, segments=2)
         for i in range(0, len(batches), 2):  # two micro-batches per step: sparse gradients add up across them
             for codes, weights, g in batches[i : i + 2]:
-                memory_lookup(codes, weights.requires_grad_(), t, backend="cpu").backward(g)
+                memory_lookup(codes, weights.requires_grad_(), t, backend="cpu", sparse_grad=sparse).backward(g)
             assert t.grad.is_sparse == sparse
             opt.step()
             opt.zero_grad()
         results.append(t.detach().clone())
-        opt.release()
     a, b = results[0].float(), results[1].float()
     if dtype == torch.float32:
         assert torch.allclose(a, b, rtol=0, atol=1e-6)
@@ -300,7 +300,22 @@ def test_groups_and_state_of_the_row_wise_options():
     build_optimizer(model, _tcfg("rowwise", "bfloat16"), lr=1e-3).release()
 
 
-def test_sparse_marking_is_released_and_other_backends_still_train():
+def test_sparse_grad_is_a_layer_setting_released_with_the_optimizer():
+    model, x = _model_and_batch()
+    layers = [m for m in model.modules() if isinstance(m, mf.MemoryLayer)]
+    opt = build_optimizer(model, _tcfg("rowwise"), lr=1e-3)
+    assert opt.sparse and layers and all(m.sparse_grad for m in layers) and opt.sparse_layers == layers
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    assert all(m.tables.grad.is_sparse for m in layers)
+    opt.release()
+    assert not opt.sparse and not any(m.sparse_grad for m in layers)
+    assert build_optimizer(model, _tcfg("rowwise"), lr=1e-3).sparse and build_optimizer(model, _tcfg(), lr=1e-3)
+    assert not any(m.sparse_grad for m in layers)  # a later optimizer without the row-wise rule: dense again
+    with pytest.raises(ValueError, match="sparse_rows"):
+        sparse_table_grads([mf.MemoryLayer(8, 4, tau=4, device="meta")])
+
+
+def test_other_backends_give_dense_table_gradients_that_still_train():
     model, x = _model_and_batch()
     opt = build_optimizer(model, _tcfg("rowwise"), lr=1e-3)
     for m in model.modules():
@@ -314,7 +329,6 @@ def test_sparse_marking_is_released_and_other_backends_still_train():
     opt.step()
     assert not torch.equal(before, qkv)
     opt.release()
-    assert not cpu._SPARSE_TABLES
 
 
 def test_bad_options_name_the_field():

@@ -40,7 +40,7 @@ ROW_DTYPES = ("float32", "bfloat16", "int8")  # the LM head and the token embedd
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"  # a checkpoint folder's model files
 TABLES_KEY = "memoryformer.inference_tables"  # safetensors metadata: "<table dtype>/<activation dtype>"
 HEAD_KEY = "memoryformer.inference_head"  # "<head dtype>/<embedding dtype>" when head and embedding are quantised
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 TABLE_OPTIMS = ("adamw", "rowwise", "partial-rowwise-adam")  # memory-table optimizer rules (memoryformer.optim)
 TABLE_DTYPES = ("float32", "bfloat16")  # memory-table storage while training
@@ -325,7 +325,7 @@ class TrainConfig(_Serialisable):
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms: bit-identical reruns and resumes on CPU
     device: str = "auto"  # "auto" (CUDA if present), "cpu" or "cuda"
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    precision: str = "auto"  # "auto": bfloat16 autocast on CUDA, float32 on CPU; or either
     fsdp: bool = False  # FSDP2 (fully_shard per block, memory layers in their own unit) instead of DDP
     tensorboard: bool = False  # also log to OUT/tensorboard (needs the tensorboard package)
     progress: bool = True  # tqdm progress bar on rank 0

@@ -16,9 +16,10 @@ from memoryformer.config import (
 )
 from memoryformer.ops import (
     backend_names,
-    chunk_hash,
+    memory_hash,
     memory_layer,
     memory_lookup,
+    pack_tables,
     resolve_backend,
 )
 from memoryformer.ops.quant import to_storage, torch_dtype
@@ -39,7 +40,7 @@ class MemoryLayer(nn.Module):
         bias: add a learned bias of shape (out_features,).
         weighting: "paper" (default): prod_j sigmoid(2|z_j|/t), Eq. 10 (lower validation PPL at equal tokens:
             benchmarks/results/weighting_evidence.md); "release": ||z||_1 * prod_j sigmoid(2|z_j|/t), as the
-            authors' released code ("code" is accepted as its former name).
+            authors' released code ("code" is accepted as an alias).
         temperature: t.
         bit_order: "msb" (default; Fig. 2 and the authors' code): chunk element j is bit tau-1-j of the row index;
             "lsb" (Eq. 4 as printed): element j is bit j. The two only permute each table's rows; pick the one a
@@ -48,11 +49,15 @@ class MemoryLayer(nn.Module):
             itself. Off by default: the paper and both released configs hash x directly.
         backend: which kernel runs the gather: "auto" (default: Triton on CUDA, the "cpu" kernels on CPU),
             "reference", "embedding_bag", "cpu", "triton"; see `memoryformer.ops`.
+        sparse_grad: give `tables` a sparse COO gradient of the rows hit (as `nn.Embedding(sparse=True)`) where the
+            backend offers one ("cpu"); dense elsewhere. For optimizers that update only the rows hit: the optimizer
+            setup sets it (`memoryformer.optim.build_optimizer`, `sparse_table_grads`).
 
     Shapes: input (..., in_features) floating; output (..., out_features) in the tables' dtype.
     Parameters: `tables` (K, 2**tau, out_features), `bias` (out_features,) or None, `proj` (with hash_projection).
     After `freeze("int8")` the tables are frozen int8 and a `scale` (K, 2**tau) buffer holds one scale
-    per row; `activation_dtype` then holds the dtype the outputs keep (None while the tables train).
+    per row; `activation_dtype` then holds the dtype the outputs keep (None while the tables train). Frozen int8
+    tables are also kept in the layout the backend's kernel reads (`packed_tables`, made on first use).
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class MemoryLayer(nn.Module):
         bit_order: str = "msb",
         hash_projection: bool = False,
         backend: str = "auto",
+        sparse_grad: bool = False,
         device=None,
         dtype=None,
     ):
@@ -90,12 +96,14 @@ class MemoryLayer(nn.Module):
         self.in_features, self.out_features, self.tau = in_features, out_features, tau
         self.n_tables = in_features // tau
         self.weighting, self.temperature, self.backend = weighting, float(temperature), backend
-        self.bit_order = bit_order
+        self.bit_order, self.sparse_grad = bit_order, bool(sparse_grad)
         factory = dict(device=device, dtype=dtype)
         self.proj = nn.Linear(in_features, in_features, **factory) if hash_projection else None
         self.tables = nn.Parameter(torch.empty(self.n_tables, 2**tau, out_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("scale", None)  # (K, 2**tau) float32 row scales of int8 inference tables
+        self.packed_tables: torch.Tensor | None = None  # see `_packed`; an attribute, not a buffer: never saved,
+        self._packed_of: tuple | None = None  # moved or broadcast; (tables, version, device) it was made from
         self.activation_dtype: torch.dtype | None = None  # set by freeze: the outputs keep this dtype
         self.reset_parameters()
 
@@ -143,26 +151,39 @@ class MemoryLayer(nn.Module):
     def hash(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (..., K) int64, weights (..., K) float). Share it across layers with the same input and tau."""
         self._check_input(x)
-        return chunk_hash(self.hash_input(x), self.tau, weighting=self.weighting, temperature=self.temperature)
+        return memory_hash(self.hash_input(x), self.tables, tau=self.tau, weighting=self.weighting,
+                           temperature=self.temperature, backend=self.backend)
 
     def forward(self, x: torch.Tensor, hash: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if hash is None:
             self._check_input(x)
             y = memory_layer(
-                self.hash_input(x), self.tables, self.bias, tau=self.tau, weighting=self.weighting, temperature=self.temperature,
-                backend=self.backend, scale=self.scale,
+                self.hash_input(x), self.tables, self.bias, tau=self.tau, weighting=self.weighting,
+                temperature=self.temperature, backend=self.backend, scale=self.scale,
+                sparse_grad=self.sparse_grad, packed=self._packed(),
             )
         else:
             codes, weights = hash
             self._check_hash(x, codes, weights)
-            y = memory_lookup(codes, weights, self.tables, self.bias, backend=self.backend, scale=self.scale)
+            y = memory_lookup(codes, weights, self.tables, self.bias, backend=self.backend, scale=self.scale,
+                              sparse_grad=self.sparse_grad)
         return y if self.activation_dtype is None else y.to(self.activation_dtype)
+
+    def _packed(self) -> torch.Tensor | None:
+        """Frozen int8 tables in the layout the backend's kernel reads (`ops.pack_tables`), made again whenever the
+        tables are replaced, modified or moved; None for float or trainable tables."""
+        t = self.tables
+        if t.is_floating_point() or t.requires_grad or torch.compiler.is_compiling():
+            return None
+        made = self._packed_of
+        if made is None or made[0] is not t or made[1:] != (t._version, t.device):
+            self.packed_tables = pack_tables(t, backend=self.backend)
+            self._packed_of = (t, t._version, t.device)
+        return self.packed_tables
 
     def active_backend(self) -> str:
         """Name of the backend that runs for the current tables (and grad mode)."""
         return resolve_backend(self.backend, self.tables).name
-
-    kernel = active_backend  # the name before 0.2
 
     @torch.no_grad()
     def freeze(self, dtype: str | torch.dtype = "int8") -> MemoryLayer:
@@ -190,6 +211,7 @@ class MemoryLayer(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, tau={self.tau}, "
             f"K={self.n_tables}, bias={self.bias is not None}, weighting={self.weighting!r}, "
             f"temperature={self.temperature}, backend={self.backend!r}"
+            + (", sparse_grad=True" if self.sparse_grad else "")
             + (f", bit_order={self.bit_order!r}" if self.bit_order != "msb" else "")
             + (", hash_projection=True" if self.proj is not None else "")
             + (f", tables={str(self.tables.dtype).removeprefix('torch.')}" if self.activation_dtype is not None else "")

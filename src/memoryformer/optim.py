@@ -1,8 +1,8 @@
 """Optimizers for training: AdamW on the dense weights, and a choice of rules and storage for the memory tables.
 
-The faithful recipe (spec §5) is the default: AdamW (0.9, 0.95), eps 1e-8, decoupled weight decay 0.1 on the
-matrices and the tables, global gradient-norm clipping at 1.0, fp32 tables (`table_optim="adamw"`,
-`table_dtype="float32"`: one `torch.optim.AdamW` over all groups, as the trainer always built it).
+The faithful recipe (the authors' released configs) is the default: AdamW (0.9, 0.95), eps 1e-8, decoupled weight
+decay 0.1 on the matrices and the tables, global gradient-norm clipping at 1.0, fp32 tables (`table_optim="adamw"`,
+`table_dtype="float32"`: one `torch.optim.AdamW` over all groups).
 
 The tables hold nearly all parameters (MF-tiny 415 M of 466 M, MF-base 6.64 B of 6.75 B), and AdamW keeps two
 fp32 moments per table element besides the dense table gradient. The other options (see `memoryformer.footprint`
@@ -21,10 +21,11 @@ table_dtype
         by stochastic rounding (`stochastic_round`, unbiased: E[round(x)] = x), so updates far below bf16's
         resolution (2^-8 relative) are not lost; there is no fp32 master copy.
 
-With a row-wise rule on CPU and one process, the table gradient also skips the dense (K, 2^tau, h) tensor: the
-CPU backward returns a sparse COO gradient of the touched rows (`memoryformer.ops.cpu.sparse_table_grads`, as
-`nn.Embedding(sparse=True)`), and the step reads only those rows (`sparse_rows`; same rule, same numbers up to
-summation order). Global-norm clipping includes them.
+With a row-wise rule on CPU and one process, the table gradient also skips the dense (K, 2^tau, h) tensor:
+`build_optimizer` sets `sparse_grad` on the Memory Layers whose tables the rule holds (`sparse_table_grads`), their
+CPU backward then returns a sparse COO gradient of the touched rows (as `nn.Embedding(sparse=True)`), and the step
+reads only those rows (`sparse_rows`; same rule, same numbers up to summation order). Global-norm clipping includes
+them.
 
     opt = build_optimizer(model, tcfg, lr=3e-3)  # tcfg: a TrainConfig or anything with its optimizer fields
     gnorm = opt.clip_grad_norm_(1.0); opt.step(); opt.zero_grad()
@@ -32,16 +33,16 @@ summation order). Global-norm clipping includes them.
 
 from __future__ import annotations
 
-import weakref
 from typing import Iterable
 
 import torch
 
 from memoryformer.config import TABLE_DTYPES, TABLE_OPTIMS, ConfigError
+from memoryformer.layers import MemoryLayer
 from memoryformer.ops.quant import torch_dtype
 
 __all__ = ["TABLE_DTYPES", "TABLE_OPTIMS", "RowwiseAdam", "TableAdamW", "TrainingOptimizer", "build_optimizer",
-           "cast_tables", "stochastic_round"]
+           "cast_tables", "sparse_table_grads", "stochastic_round"]
 _CHUNK_ELEMS = 1 << 22  # elements per slice of a table update: bounds the fp32 temporaries (16 MB each)
 
 
@@ -173,16 +174,14 @@ class RowwiseAdam(_StateKeepsItsDtype):
     State per table: "row_sq" (K, R, S) fp32, "row_step" (K, R) int32, and with momentum "exp_avg" (K, R, h) fp32.
     Memory: 8 bytes per row (S = 1) instead of AdamW's 8 bytes per element; 4 bytes per element more with momentum.
 
-    `sparse=True` (CPU tables): while this optimizer lives, the CPU backward gives the tables sparse COO gradients
-    of the touched rows (`memoryformer.ops.cpu.sparse_table_grads`) instead of dense ones; dense gradients (other
-    backends) are still accepted and give the same update.
+    Gradients may be dense or sparse COO tensors of the touched rows (the layers' `sparse_grad`, set by
+    `sparse_table_grads`); both give the same update.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 *, momentum: bool = False, segments: int = 1, sparse: bool = False):
+                 *, momentum: bool = False, segments: int = 1):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, segments=segments))
-        self._sparse = False
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 3 or p.shape[-1] % group["segments"]:
@@ -194,32 +193,6 @@ class RowwiseAdam(_StateKeepsItsDtype):
                 st["row_step"] = torch.zeros(K, R, dtype=torch.int32, device=p.device)
                 if group["momentum"]:
                     st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        if sparse:
-            self._mark_sparse()
-
-    # -- sparse rows -------------------------------------------------------------------------------------------
-    def _mark_sparse(self) -> None:
-        from memoryformer.ops import cpu
-
-        tables = [p for g in self.param_groups for p in g["params"]]
-        if any(p.device.type != "cpu" for p in tables):
-            raise ValueError("RowwiseAdam(sparse=True): sparse table gradients come from the CPU backward; "
-                             "the tables are not all on the CPU")
-        token = object()
-        for p in tables:
-            cpu.sparse_table_grads(p, token)
-        self._sparse = True
-        self._unmark = weakref.finalize(self, lambda: [cpu.dense_table_grads(p, token) for p in tables])
-
-    def release(self) -> None:
-        """Back to dense table gradients (also done when the optimizer is collected)."""
-        if self._sparse:
-            self._unmark()
-            self._sparse = False
-
-    @property
-    def sparse(self) -> bool:
-        return self._sparse
 
     # -- the update --------------------------------------------------------------------------------------------
     @staticmethod
@@ -290,13 +263,16 @@ class TrainingOptimizer:
     (global L2 norm over all gradients, sparse table rows included, scaled by min(1, max_norm / (norm + 1e-6)) as
     `torch.nn.utils.clip_grad_norm_`). Iterating yields the underlying `torch.optim.Optimizer`s, which is what
     `torch.distributed.checkpoint.state_dict.{get,set}_optimizer_state_dict` accept, so checkpoints stay keyed
-    `<parameter name>/<state key>`.
+    `<parameter name>/<state key>`. `sparse_layers`: the Memory Layers set to `sparse_grad` for the row-wise rule
+    (`release()` sets them back to dense gradients).
     """
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer], params: Iterable[torch.nn.Parameter]):
+    def __init__(self, optimizers: list[torch.optim.Optimizer], params: Iterable[torch.nn.Parameter],
+                 sparse_layers: Iterable[torch.nn.Module] = ()):
         self.optimizers = list(optimizers)
         self._params = list(params)
         self._plain = len(self.optimizers) == 1 and type(self.optimizers[0]) is torch.optim.AdamW
+        self.sparse_layers = list(sparse_layers)  # Memory Layers set to sparse_grad for these optimizers
 
     def __iter__(self):
         return iter(self.optimizers)
@@ -308,7 +284,7 @@ class TrainingOptimizer:
     @property
     def sparse(self) -> bool:
         """Do the tables get sparse gradients of their touched rows?"""
-        return any(getattr(o, "sparse", False) for o in self.optimizers)
+        return any(m.sparse_grad for m in self.sparse_layers)
 
     def step(self) -> None:
         for o in self.optimizers:
@@ -320,7 +296,7 @@ class TrainingOptimizer:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip all gradients to a global L2 norm of `max_norm` (inf: only measure); returns the norm before."""
-        if self._plain:  # the faithful recipe: exactly as the trainer always clipped
+        if self._plain:  # the faithful recipe: torch's own clipping, the same rounding
             return torch.nn.utils.clip_grad_norm_(self._params, max_norm)
         grads = []
         for p in self._params:
@@ -344,10 +320,8 @@ class TrainingOptimizer:
         return total
 
     def release(self) -> None:
-        """Back to dense table gradients (see `RowwiseAdam.release`)."""
-        for o in self.optimizers:
-            if hasattr(o, "release"):
-                o.release()
+        """Back to dense table gradients on the layers this optimizer set to sparse ones."""
+        sparse_table_grads(self.sparse_layers, enabled=False)
 
 
 def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,13 +378,16 @@ def build_optimizer(model: torch.nn.Module, cfg, *, lr: float, fused: bool = Fal
     betas = (cfg.beta1, cfg.beta2)
     groups = model.param_groups(cfg.weight_decay, 0.0 if cfg.exclude_tables_from_wd else None)
     adamw = dict(lr=lr, betas=betas, eps=cfg.eps, fused=fused or None, foreach=None if fused else True)
-    params = list(model.parameters())  # clipped in this order, as the trainer always did
+    params = list(model.parameters())  # clipped in this order (it fixes the rounding of the global norm)
+    layers = [m for m in model.modules() if isinstance(m, MemoryLayer)]
+    sparse_table_grads(layers, enabled=False)  # dense unless the row-wise rule below asks (an earlier one may have)
     if table_optim == "adamw" and table_dtype == "float32":
         return TrainingOptimizer([torch.optim.AdamW(groups, **adamw)], params)
 
     dense = [g for g in groups if g["name"] != "tables"]
     table_group = next((g for g in groups if g["name"] == "tables"), None)
     opts = [torch.optim.AdamW(dense, **adamw)] if dense else []
+    sparse: list[torch.nn.Module] = []
     if table_group is not None:
         twd, tps = table_group["weight_decay"], table_group["params"]
         if table_optim == "adamw":
@@ -428,8 +405,23 @@ def build_optimizer(model: torch.nn.Module, cfg, *, lr: float, fused: bool = Fal
             if sparse_rows is None:
                 sparse_rows = all(p.device.type == "cpu" for p in tps) and not _multi_rank()
             opts.append(RowwiseAdam(tgroups, lr=lr, betas=betas, eps=cfg.eps, weight_decay=twd,
-                                    momentum=table_optim == "partial-rowwise-adam", sparse=sparse_rows))
-    return TrainingOptimizer(opts, params)
+                                    momentum=table_optim == "partial-rowwise-adam"))
+            if sparse_rows:
+                ids = {id(p) for p in tps}
+                sparse = sparse_table_grads([m for m in layers if id(m.tables) in ids])
+    return TrainingOptimizer(opts, params, sparse)
+
+
+def sparse_table_grads(layers: Iterable[torch.nn.Module], enabled: bool = True) -> list[torch.nn.Module]:
+    """Set `sparse_grad` on these Memory Layers: their tables then get sparse COO gradients of the touched rows
+    (from the CPU backward), which `RowwiseAdam` reads row by row. Returns the layers."""
+    layers = list(layers)
+    if enabled and any(m.tables.device.type != "cpu" for m in layers):
+        raise ValueError("sparse_rows: sparse table gradients come from the CPU backward; the tables are not all "
+                         "on the CPU")
+    for m in layers:
+        m.sparse_grad = enabled
+    return layers
 
 
 def _multi_rank() -> bool:

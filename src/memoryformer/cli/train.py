@@ -57,7 +57,7 @@ TRAIN_HELP = {
     "seed": "seed of the initialisation and of the data order (default 0)",
     "deterministic": "deterministic algorithms: bit-identical reruns and resumes on CPU",
     "device": "auto (CUDA if present), cpu or cuda",
-    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
+    "precision": "auto (bfloat16 autocast on CUDA, float32 on CPU), float32 or bfloat16",
     "fsdp": "shard with FSDP2 instead of DDP under torchrun",
     "tensorboard": "also write TensorBoard logs to OUT/tensorboard",
     "progress": "show the progress bar",

@@ -9,9 +9,12 @@ Backward (training on CPU): ATen's embedding-bag backward kernels (grad_tables s
 grad_weights[n, k] = <g[n], T[k, c[n, k]]>), as fast as `F.embedding_bag` under autograd. A general fallback gathers
 rows in token chunks that stay in cache and scatters w * g rows with `index_add_` (sequential per row on CPU).
 
-`layer_forward` fuses the hash with the lookup for inference: the same numbers as `chunk_hash` + `memory_lookup`
+Hash: `chunk_hash` (Eq. 3-10), the one this backend uses for training and inference alike.
+
+`layer_forward` fuses the hash with the lookup for inference: exactly the numbers of `chunk_hash` + `memory_lookup`
 in about half the PyTorch calls, which is most of a batch-1 layer's latency. For 1-2 tokens it hands the whole layer
-to the compiled kernel of `cpu_ext` (one call; built on first use, skipped without a compiler).
+to the compiled kernel of `cpu_ext` (one call; built on first use, skipped without a compiler; its own hash, the
+same codes).
 """
 
 from __future__ import annotations
@@ -20,11 +23,55 @@ import torch
 import torch.nn.functional as F
 
 from memoryformer.ops import cpu_ext
-from memoryformer.ops.library import define_lookup_op, flat_call
 from memoryformer.ops.dispatch import register_backend
-from memoryformer.ops.reference import pack_bits
+from memoryformer.ops.library import define_lookup_op, flat_call
 
 _CHUNK_ELEMS = 1 << 20  # rows gathered per backward step (4 MB in fp32): stays in L2/L3 without a Python-bound loop
+_BYTE_GATHER = 0x8040201008040201 - (1 << 64)  # as int64: moves byte j of a word to bit 63 - j
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The hash (Eq. 3-10), the same numbers for training and for inference.
+
+
+def pack_codes(bits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`reference.pack_bits` (Eq. 4, MSB first), several times faster on CPU than an int64 multiply-and-reduce.
+
+    tau = 8 (the paper's choice): the 8 bools of a chunk are one little-endian int64 whose byte j is bit j; one
+    multiply by 0x8040201008040201 moves bit j to bit 63-j without carries, so the code is the top byte. Other tau:
+    float arithmetic in `dtype`, exact (sums of distinct powers of two below 2**16), a GEMV for large inputs.
+    """
+    tau = bits.shape[-1]
+    if tau == 8 and bits.is_contiguous():
+        v = bits.view(torch.int64).squeeze(-1)
+        return ((v * _BYTE_GATHER) >> 56) & 255
+    place = 2.0 ** torch.arange(tau - 1, -1, -1, device=bits.device, dtype=dtype)  # (tau,)
+    b = bits.to(dtype)
+    if b.numel() <= 1 << 17:
+        return (b * place).sum(-1).to(torch.int64)
+    return (b.reshape(-1, tau) @ place).reshape(b.shape[:-1]).to(torch.int64)
+
+
+def _hash_chunks(z: torch.Tensor, weighting: str, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and weights of chunks z (..., K, tau), float32 or float64."""
+    a = z.abs()
+    # p(z) of Eq. 10 as a sum of tau log-sigmoids: no underflow whatever tau and t
+    w = F.logsigmoid(a * (2.0 / temperature)).sum(-1).exp()
+    if weighting == "release":
+        w = a.sum(-1) * w  # Eq. 8: sim(z, h(z)) = ||z||_1
+    return pack_codes(z >= 0, z.dtype), w
+
+
+def chunk_hash(x: torch.Tensor, tau: int, *, weighting: str, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.chunk_hash` on CPU tensors: the same codes, the same weights up to rounding."""
+    z = x.unflatten(-1, (-1, tau))
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    return _hash_chunks(z, weighting, temperature)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lookup (Eq. 11) and its gradients (Eq. 12)
 
 
 def _flat_index(codes: torch.Tensor, R: int) -> torch.Tensor:
@@ -41,24 +88,33 @@ def _byte_bag(packed: torch.Tensor, idx: torch.Tensor, bags: torch.Tensor, w: to
     return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(packed, idx, bags, False, 0, False, w)
 
 
-def packed_int8(tables: torch.Tensor) -> torch.Tensor:
-    """fbgemm's 8-bit row layout for int8 tables q: (K*R, h + 8) uint8 rows [q + 128 | scale=1.0 | bias=-128.0].
+_BYTE_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # scale 1, bias -128
 
-    The per-row scale is folded into the weights before the kernel runs, so the packed rows stay scale-free. The
-    result is cached on the tables tensor (inference tables are frozen) and rebuilt if they are modified in place.
+
+def pack_int8(tables: torch.Tensor) -> torch.Tensor:
+    """fbgemm's 8-bit row layout of int8 tables q (K, R, h) or rows q (M, h): (K*R or M, h + 8) uint8 rows
+    [q + 128 | scale=1.0 | bias=-128.0]. The per-row scale is folded into the weights before the kernel runs, so
+    the packed rows stay scale-free. A frozen layer keeps its own (`MemoryLayer.packed_tables`, `ops.pack_tables`).
     """
-    cached = getattr(tables, "_memoryformer_packed", None)
-    if cached is not None and cached[0] == tables._version:
-        return cached[1]
-    K, R, h = tables.shape
-    rows = (tables.reshape(K * R, h).to(torch.int16) + 128).to(torch.uint8)
-    tail = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8).expand(K * R, 8)
-    packed = torch.cat([rows, tail], dim=1).contiguous()
-    try:
-        tables._memoryformer_packed = (tables._version, packed)
-    except (AttributeError, RuntimeError):  # some tensor subclasses refuse attributes: pack on every call
-        pass
+    rows = tables.reshape(-1, tables.shape[-1])
+    packed = torch.empty(rows.shape[0], rows.shape[1] + 8, dtype=torch.uint8, device=rows.device)
+    torch.bitwise_xor(rows.view(torch.uint8), 128, out=packed[:, : rows.shape[1]])  # q + 128 as two's complement
+    packed[:, rows.shape[1] :] = _BYTE_TAIL
     return packed
+
+
+def pack(tables: torch.Tensor) -> torch.Tensor | None:
+    """The layout the int8 kernel reads, for the backend's `pack` (None: these tables need none)."""
+    return pack_int8(tables) if tables.dtype == torch.int8 and _has_byte_kernel() else None
+
+
+def _int8_bag(tables, idx, bags, w, packed=None) -> torch.Tensor:
+    """Eq. 11 over int8 rows with fbgemm's byte kernel: over the whole packed table if given, else over the rows
+    hit packed for this call (the same sums in the same order; about 4x slower than a packed table)."""
+    if packed is None:
+        packed = pack_int8(tables.reshape(-1, tables.shape[-1]).index_select(0, idx))
+        idx = torch.arange(idx.numel(), dtype=idx.dtype)
+    return _byte_bag(packed, idx, bags, w)
 
 
 def forward(codes: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -70,8 +126,7 @@ def forward(codes: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) ->
     if not tables.is_floating_point():  # int8 rows, scale already in the weights
         if _has_byte_kernel():
             w = weights.reshape(-1).float()
-            y = _byte_bag(packed_int8(tables), idx, bags, w)
-            return y.to(weights.dtype)
+            return _int8_bag(tables, idx, bags, w).to(weights.dtype)
         rows = tables.reshape(K * R, h).index_select(0, idx).view(N, K, h).to(weights.dtype)
         return torch.bmm(weights.unsqueeze(1), rows).squeeze(1)
     w = weights.reshape(-1).to(tables.dtype)
@@ -81,12 +136,8 @@ def forward(codes: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) ->
 def backward(grad, codes, weights, tables, need_weights: bool, need_tables: bool):
     """grad (N, h) -> (grad_weights (N, K) in the weights' dtype, grad_tables (K, R, h) in the tables' dtype).
 
-    Sums run in fp32 for bf16/fp16 tables (fp64 when anything is fp64). For tables marked with
-    `sparse_table_grads`, grad_tables is a sparse COO tensor of the touched rows only.
+    Sums run in fp32 for bf16/fp16 tables (fp64 when anything is fp64).
     """
-    if need_tables and _SPARSE_TABLES and _storage_key(tables) in _SPARSE_TABLES:
-        gw, _ = backward(grad, codes, weights, tables, need_weights, False)
-        return gw, touched_rows_grad(grad, codes, weights, tables)
     if tables.is_floating_point():
         try:
             return _embedding_bag_backward(grad, codes, weights, tables, need_weights, need_tables)
@@ -149,28 +200,9 @@ def _chunked_backward(grad, codes, weights, tables, need_weights: bool, need_tab
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Table gradients as touched rows (row-wise optimizers, `memoryformer.optim`): a micro-batch hits only part of a
-# table's rows (5-20 % in the later blocks of a trained micro model), so the dense (K, R, h) gradient is mostly zeros.
-
-_SPARSE_TABLES: dict[int, object] = {}  # storage address of marked tables -> who marked them
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def sparse_table_grads(tables: torch.Tensor, owner: object) -> None:
-    """Make the CPU backward return the gradient of `tables` as a sparse COO tensor (its touched rows), as
-    `nn.Embedding(sparse=True)` does; autograd accumulates it into `tables.grad` (sparse) as usual. Matched by
-    storage, so views of the tables count too. Undo with `dense_table_grads`."""
-    _SPARSE_TABLES[_storage_key(tables)] = owner
-
-
-def dense_table_grads(tables: torch.Tensor, owner: object | None = None) -> None:
-    """Back to dense gradients for `tables` (only if `owner` marked them, when given)."""
-    key = _storage_key(tables)
-    if key in _SPARSE_TABLES and (owner is None or _SPARSE_TABLES[key] is owner):
-        del _SPARSE_TABLES[key]
+# Table gradients as touched rows (`sparse_grad=True`, for row-wise optimizers, `memoryformer.optim`): a micro-batch
+# hits only part of a table's rows (5-20 % in the later blocks of a trained micro model), so the dense (K, R, h)
+# gradient is mostly zeros.
 
 
 def touched_rows_backward(grad, codes, weights, tables) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,16 +234,7 @@ def touched_rows_backward(grad, codes, weights, tables) -> tuple[torch.Tensor, t
     return rows, vals
 
 
-def touched_rows_grad(grad, codes, weights, tables) -> torch.Tensor:
-    """The table gradient as a coalesced sparse COO tensor of shape (K, R, h) in the tables' dtype: indices
-    (2, U) = (table k, row), values (U, h)."""
-    R = tables.shape[1]
-    rows, vals = touched_rows_backward(grad, codes, weights, tables)
-    return torch.sparse_coo_tensor(torch.stack((rows // R, rows % R)), vals.to(tables.dtype), tables.shape,
-                                   is_coalesced=True, check_invariants=False)
-
-
-lookup_op = define_lookup_op("lookup_cpu", forward, backward)
+lookup_op = define_lookup_op("lookup_cpu", forward, backward, touched_rows=touched_rows_backward)
 lookup = flat_call(lookup_op)
 
 
@@ -233,8 +256,10 @@ def _const(key: tuple, make) -> torch.Tensor:
     return t
 
 
-def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: float, scale=None) -> torch.Tensor:
-    """Inference-only `memory_lookup(*chunk_hash(x, tau, ...), tables, bias, scale=scale)` for CPU tensors."""
+def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: float, scale=None,
+                  packed=None) -> torch.Tensor:
+    """Inference-only `memory_lookup(*chunk_hash(x, tau, ...), tables, bias, scale=scale)` for CPU tensors;
+    `packed`: int8 tables in fbgemm's row layout (`pack`), made once by the caller."""
     lead = x.shape[:-1]
     K, R, h = tables.shape
     if (x.numel() <= cpu_ext.MAX_TOKENS * K * tau and x.device.type == "cpu" and tables.dtype in _KERNEL_DTYPES
@@ -251,22 +276,16 @@ def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: flo
         z = z.float()
     N = z.shape[0]
     start = _const(("start", K, R), lambda: torch.arange(0, K * R, R))
-    codes = pack_bits(z >= 0, z.dtype)  # (N, K), as chunk_hash
-    a = z.abs()
-    # p(z) of Eq. 10 as a product of tau sigmoids in [1/2, 1): no underflow for tau <= 16, and one call fewer
-    # than chunk_hash's log-space sum (equal to ~1e-7 relative)
-    w = torch.sigmoid(a * (2.0 / temperature)).prod(-1)
-    if weighting == "release":
-        w.mul_(a.sum(-1))
+    codes, w = _hash_chunks(z, weighting, temperature)  # (N, K) each
     if scale is not None:
-        w.mul_(scale.view(-1)[codes + start])
+        w = w * scale.view(-1)[codes + start]
     bags = _const(("bags", N, K), lambda: torch.arange(0, N * K, K)) if N <= 64 else torch.arange(0, N * K, K)
     idx = (codes + start).view(-1)
     if tables.is_floating_point():
         flat = tables.reshape(K * R, h)
         y = F.embedding_bag(idx, flat, bags, mode="sum", per_sample_weights=w.view(-1).to(tables.dtype))
     elif _has_byte_kernel():
-        y = _byte_bag(packed_int8(tables), idx, bags, w.view(-1))
+        y = _int8_bag(tables, idx, bags, w.view(-1), packed)
     else:
         y = forward(codes, w, tables)
     if bias is not None:
@@ -274,4 +293,5 @@ def layer_forward(x, tables, bias, *, tau: int, weighting: str, temperature: flo
     return y.reshape(*lead, h)
 
 
-register_backend("cpu", lookup, accepts=accepts, priority=20, layer_fn=layer_forward)
+register_backend("cpu", lookup, accepts=accepts, priority=20, hash_fn=chunk_hash, layer_fn=layer_forward, pack=pack,
+                 sparse_grad=True)

@@ -10,6 +10,11 @@ is imported (`memoryformer.ops` imports them all; Triton registers without impor
 
 "auto" takes the highest-priority backend that accepts the tables and may be picked automatically (triton on CUDA,
 cpu on CPU), and logs one line the first time a device's preferred fast path is unavailable.
+
+Each backend has its own hash (`hash_fn`, default: `reference.chunk_hash`): the same codes as the reference, the
+same weights up to rounding. Everything a kernel varies by comes in as an argument: `sparse_grad` (table gradients
+as sparse COO tensors of the rows hit, where the backend offers them; dense elsewhere) and `packed` (frozen int8
+tables in the layout the backend's kernel reads, made once by `pack_tables`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch.nn.functional as F
 from memoryformer.config import DEFAULT_WEIGHTING, canonical_weighting
 from memoryformer.ops.reference import chunk_hash, lookup_reference, row_scales
 
+HashFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (x, tau, *, weighting, temperature) -> (codes, weights)
+
 log = logging.getLogger("memoryformer")
 
 
@@ -37,6 +44,9 @@ class Backend:
     why_not: Callable[[torch.Tensor], str | None] | None = None  # reason it cannot run, for the fallback notice
     layer_fn: Callable | None = None  # optional hash + lookup in one call (see `memory_layer`)
     layer_grad: bool = False  # does layer_fn support autograd (else it only runs when nothing needs a gradient)?
+    hash_fn: HashFn = chunk_hash  # the backend's Eq. 3-10
+    pack: Callable[[torch.Tensor], torch.Tensor | None] | None = None  # frozen tables -> layout layer_fn reads
+    sparse_grad: bool = False  # does fn take sparse_grad=True (sparse COO table gradients of the rows hit)?
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -46,9 +56,11 @@ PREFERRED = {"cuda": "triton", "cpu": "cpu"}
 
 
 def register_backend(name: str, fn, *, accepts=lambda t: True, priority: int = 0, auto=None, why_not=None,
-                     layer_fn=None, layer_grad: bool = False) -> None:
+                     layer_fn=None, layer_grad: bool = False, hash_fn: HashFn = chunk_hash, pack=None,
+                     sparse_grad: bool = False) -> None:
     """Make `fn(codes, weights, tables) -> (..., h)` selectable as `backend=name` (and by "auto")."""
-    _BACKENDS[name] = Backend(name, fn, accepts, priority, auto, why_not, layer_fn, layer_grad)
+    _BACKENDS[name] = Backend(name, fn, accepts, priority, auto, why_not, layer_fn, layer_grad, hash_fn, pack,
+                              sparse_grad)
     _resolved.clear()
 
 
@@ -129,33 +141,53 @@ def _resolve(backend: str, tables: torch.Tensor) -> Backend:
     return b
 
 
-def memory_lookup(codes, weights, tables, bias=None, *, backend: str = "auto", scale=None) -> torch.Tensor:
+def memory_lookup(codes, weights, tables, bias=None, *, backend: str = "auto", scale=None,
+                  sparse_grad: bool = False) -> torch.Tensor:
     """Eq. 11: y = sum_k weights[..., k] * tables[k, codes[..., k]] (+ bias).
 
     codes (..., K) integer in [0, R); weights (..., K) floating; tables (K, R, h), floating or int8 with `scale`
     (K, R) (one fp32 dequantisation scale per row, see `ops.quant`); bias (h,) or None.
+    sparse_grad: the tables' gradient as a sparse COO tensor of the rows hit (backends with `sparse_grad`, "cpu";
+    the others give the dense gradient; `memoryformer.optim.RowwiseAdam` reads either).
     Returns (..., h) in `reference.result_dtype(weights, tables)`.
     """
-    return _lookup(resolve_backend(backend, tables), codes, weights, tables, bias, scale)
+    return _lookup(resolve_backend(backend, tables), codes, weights, tables, bias, scale, sparse_grad)
 
 
-def _lookup(b: Backend, codes, weights, tables, bias, scale) -> torch.Tensor:
+def _lookup(b: Backend, codes, weights, tables, bias, scale, sparse_grad: bool) -> torch.Tensor:
     if scale is not None:
         weights = weights * row_scales(scale, codes)
-    y = b.fn(codes, weights, tables)
+    y = b.fn(codes, weights, tables, sparse_grad=True) if sparse_grad and b.sparse_grad else b.fn(codes, weights, tables)
     return y if bias is None else y + bias
 
 
+def memory_hash(x, tables, *, tau: int, weighting: str = DEFAULT_WEIGHTING, temperature: float = 1.0,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and weights of x's chunks (`reference.chunk_hash`) as the backend that runs for `tables` computes them."""
+    b = resolve_backend(backend, tables)
+    return b.hash_fn(x, tau, weighting=canonical_weighting(weighting), temperature=temperature)
+
+
+def pack_tables(tables, *, backend: str = "auto") -> torch.Tensor | None:
+    """Frozen tables in the layout the backend's fused layer reads (fbgemm's 8-bit rows for int8 tables on CPU), for
+    the caller to keep and pass to `memory_layer(..., packed=)`; None when the backend needs none."""
+    b = resolve_backend(backend, tables)
+    return None if b.pack is None else b.pack(tables)
+
+
 def memory_layer(x, tables, bias=None, *, tau: int, weighting: str = DEFAULT_WEIGHTING, temperature: float = 1.0,
-                 backend: str = "auto", scale=None) -> torch.Tensor:
-    """`memory_lookup(*chunk_hash(x, tau, ...), tables, bias)`; a backend may fuse both steps (Triton: one kernel
-    computes the hash inside the gather; CPU: fewer calls for inference, which decides batch-1 latency)."""
+                 backend: str = "auto", scale=None, sparse_grad: bool = False, packed=None) -> torch.Tensor:
+    """`memory_lookup(*memory_hash(x, tables, tau, ...), tables, bias)`; a backend may fuse both steps (Triton: one
+    kernel computes the hash inside the gather; CPU: fewer calls for inference, which decides batch-1 latency).
+    packed: `pack_tables(tables)` of frozen tables, or None (then computed per call where a backend needs it)."""
     weighting = canonical_weighting(weighting)
     b = resolve_backend(backend, tables)
-    if b.layer_fn is not None and (b.layer_grad or not (_needs_grad(x, tables, bias) or torch.compiler.is_compiling())):
-        return b.layer_fn(x, tables, bias, tau=tau, weighting=weighting, temperature=temperature, scale=scale)
-    codes, weights = chunk_hash(x, tau, weighting=weighting, temperature=temperature)
-    return _lookup(b, codes, weights, tables, bias, scale)
+    with_grad = b.layer_grad and not (sparse_grad and b.sparse_grad)  # layer_fn gives no sparse table gradients
+    if b.layer_fn is not None and (with_grad or not (_needs_grad(x, tables, bias) or torch.compiler.is_compiling())):
+        kw = {} if packed is None else {"packed": packed}
+        return b.layer_fn(x, tables, bias, tau=tau, weighting=weighting, temperature=temperature, scale=scale, **kw)
+    codes, weights = b.hash_fn(x, tau, weighting=weighting, temperature=temperature)
+    return _lookup(b, codes, weights, tables, bias, scale, sparse_grad)
 
 
 def _needs_grad(*ts) -> bool:

@@ -260,8 +260,8 @@ def batch(run: Run, starts: np.ndarray, a: int) -> torch.Tensor:
 
 def autocast(device: torch.device, precision: str):
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
+        precision = "bfloat16" if device.type == "cuda" else "float32"
+    if precision == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
