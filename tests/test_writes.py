@@ -5,8 +5,10 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 from helpers import tiny_config as tiny_cfg
 
 import memoryformer as mf
@@ -99,3 +101,29 @@ def test_check_apart_refuses_an_output_over_its_input(tmp_path):
     with pytest.raises(mf.MemoryFormerError, match="is the input"):
         check_apart(tmp_path / "alias", {"--checkpoint": ck})
     check_apart(tmp_path / "run" / "final-int8", {"--checkpoint": ck})  # a sibling is fine
+
+
+def test_two_saves_of_the_same_model_are_the_same_bytes(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import torch, memoryformer as mf, sys; from helpers import tiny_model; "
+            "m = mf.freeze(tiny_model(), tables='int8'); mf.save_model(m, sys.argv[1])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    for d in ("a", "b"):  # separate processes: the header's metadata order was per-process before
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / d)], check=True, env=env)
+    for name in ("model.safetensors", "config.json", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_a_tensor_of_the_wrong_dtype_is_refused_even_without_verify(tmp_path):
+    from helpers import tiny_model
+    from safetensors.torch import load_file, save_file
+
+    mf.save_model(tiny_model(), tmp_path / "m")
+    state = load_file(tmp_path / "m" / "model.safetensors")
+    state["blocks.0.attn.qkv.tables"] = state["blocks.0.attn.qkv.tables"].to(torch.int32)
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(mf.MemoryFormerError, match=r"'blocks.0.attn.qkv.tables' is int32, but the model keeps it as "
+                                                   r"float32"):
+        mf.load(tmp_path / "m", verify=False)

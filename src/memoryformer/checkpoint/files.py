@@ -33,8 +33,30 @@ def _write_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path,
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     check_finite(state, f"{path / WEIGHTS}: not written")
     meta = {"format": "pt", "library": "memoryformer", MANIFEST_KEY: "1", **(extra or {})}
-    replace_file(path / WEIGHTS, lambda tmp: save_file(state, tmp, metadata=meta))
+
+    def write(tmp: Path) -> None:
+        save_file(state, tmp, metadata=meta)
+        canonical_header(tmp)
+
+    replace_file(path / WEIGHTS, write)
     replace_file(path / CONFIG, cfg.save)
+
+
+def canonical_header(path: Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted, in place: the writer emits them in a
+    per-process hash order, so two saves of the same tensors would differ in bytes (and in checksum)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw, object_pairs_hook=dict)
+        if "__metadata__" in header:
+            header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                      **{k: v for k, v in header.items() if k != "__metadata__"}}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > n or len(text) != len(raw.rstrip(b" ")):  # same content reordered: never longer
+            raise CheckpointError(f"{path}: unexpected safetensors header layout; not written")
+        f.seek(8)
+        f.write(text.ljust(n, b" "))
 
 
 
@@ -181,3 +203,7 @@ def check_config(cfg: ModelConfig, state: dict, expected: dict, path: Path) -> N
         if shapes[k] != tuple(want.shape):
             raise CheckpointError(f"{path / WEIGHTS}: tensor {k!r} has shape {shapes[k]}, but {CONFIG} builds "
                                   f"{tuple(want.shape)}")
+        got = state[k].dtype
+        if got != want.dtype and not (got.is_floating_point and want.dtype.is_floating_point):
+            raise CheckpointError(f"{path / WEIGHTS}: tensor {k!r} is {str(got).removeprefix('torch.')}, but the "
+                                  f"model keeps it as {str(want.dtype).removeprefix('torch.')}")
