@@ -81,14 +81,45 @@ def generate(
     `engine`: decode through the compiled CPU engine (`memoryformer.inference.DecodeEngine`: the whole step in one
     C++ call over a static cache, the same numbers up to float rounding). None (default): when the model is frozen
     for inference (`memoryformer.load(path, tables="int8")`, `memoryformer.freeze`) and the engine can run it; True: always
-    (an error if it cannot); False: never (the eager model, the reference).
+    (an error if it cannot); False: never (the eager model, the reference). `stream` yields the same tokens one
+    step at a time.
     """
-    _check(max_new_tokens, temperature, top_k, top_p)
+    new = list(stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      eos_token=eos_token, generator=generator, kv_cache=kv_cache, engine=engine))
+    return torch.cat([idx, *new], dim=1)
+
+
+def _check_ids(model: torch.nn.Module, idx: torch.Tensor, eos_token: int | None) -> None:
+    V = model.config.vocab_size
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx: expected a (B, T) tensor of token ids with T >= 1, got shape {tuple(idx.shape)}")
-    max_len = model.config.max_seq_len
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise ValueError(f"idx: expected integer token ids, got {str(idx.dtype).removeprefix('torch.')}")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"idx: token ids must lie in [0, {V}) (the model's vocab_size), got {lo if lo < 0 else hi}")
+    if eos_token is not None and (isinstance(eos_token, bool) or not isinstance(eos_token, int)
+                                  or not 0 <= eos_token < V):
+        raise ValueError(f"eos_token: expected a token id in [0, {V}) or None, got {eos_token!r}")
+
+
+def stream(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, eos_token: int | None = None,
+           generator: torch.Generator | None = None, kv_cache: bool = True, engine: bool | None = None):
+    """`generate`, one step at a time: an iterator over each step's (B, 1) new tokens as they are sampled (rows that
+    have finished repeat `eos_token`), ending after `max_new_tokens` steps or once every row has produced
+    `eos_token`. Arguments are checked here, before the first token."""
+    _check(max_new_tokens, temperature, top_k, top_p)
+    _check_ids(model, idx, eos_token)
     fast = _engine(model, idx, kv_cache, engine)
     cache = KVCache.for_model(model, idx.shape[0]) if fast is None and kv_cache and model.supports_kv_cache() else None
+    return _steps(model, idx, max_new_tokens, fast, cache, (temperature, top_k, top_p, generator), eos_token)
+
+
+@torch.no_grad()
+def _steps(model, idx, max_new_tokens: int, fast, cache, sampling: tuple, eos_token: int | None):
+    temperature, top_k, top_p, generator = sampling
+    max_len = model.config.max_seq_len
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for i in range(max_new_tokens):
         if fast is not None and idx.shape[1] <= max_len:
@@ -103,6 +134,6 @@ def generate(
             nxt = nxt.masked_fill(done[:, None], eos_token)
             done |= nxt[:, 0] == eos_token
         idx = torch.cat([idx, nxt], dim=1)
+        yield nxt
         if eos_token is not None and done.all():
-            break
-    return idx
+            return

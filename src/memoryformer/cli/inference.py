@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from memoryformer.cli.args import add_verify
+from memoryformer.integrity import check_apart
 from memoryformer.config import (
     INFERENCE_DTYPES,
     ConfigError,
@@ -31,8 +32,8 @@ def run_generate(args) -> str:
     import torch
 
     from memoryformer.checkpoint import load_model
-    from memoryformer.data import EOT_ID, decode, encode
-    from memoryformer.generate import generate
+    from memoryformer.data import EOT_ID, encode
+    from memoryformer.generate import stream
 
     if args.seed < 0:
         raise ConfigError(f"seed: expected an integer >= 0, got {args.seed}")
@@ -42,12 +43,36 @@ def run_generate(args) -> str:
     model = load_model(args.checkpoint, device=args.device, verify=args.verify, tables=args.tables)
     idx = torch.tensor([ids], device=args.device)
     try:
-        out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_token=EOT_ID, generator=torch.Generator().manual_seed(args.seed))
+        tokens = stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, eos_token=EOT_ID, generator=torch.Generator().manual_seed(args.seed))
+        return args.prompt + _print_as_generated(args.prompt, tokens)
     except ValueError as e:
         raise MemoryFormerError(str(e)) from None
-    text = args.prompt + decode(out[0, idx.shape[1] :].tolist())
-    print(text)
+
+
+def _print_as_generated(prompt: str, tokens) -> str:
+    """Print the prompt, then the text of each token as soon as it is whole (a token may end inside a UTF-8
+    character); Ctrl-C stops after the text so far, with one line saying so. Returns the generated text."""
+    import sys
+
+    from memoryformer.data import EOT_ID, decode
+
+    out, shown = [], ""
+    print(prompt, end="", flush=True)
+    try:
+        for t in tokens:
+            if int(t[0, 0]) == EOT_ID:
+                break
+            out.append(int(t[0, 0]))
+            text = decode(out)
+            if not text.endswith("\ufffd"):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+    except KeyboardInterrupt:
+        print(f"\nmemoryformer: interrupted after {len(out)} tokens", file=sys.stderr)
+        sys.exit(130)
+    text = decode(out)
+    print(text[len(shown):], flush=True)
     return text
 
 
@@ -66,6 +91,7 @@ def run_export(args) -> None:
     from memoryformer.checkpoint import WEIGHTS, load_model, save_model
 
     out = Path(args.out)
+    check_apart(out, {"--checkpoint": args.checkpoint})  # --force or not: never over its own input
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
         raise MemoryFormerError(f"{out}: exists and is not an empty folder (pass --force to write into a folder)")
     model = load_model(args.checkpoint, verify=args.verify, tables=None if args.hf else args.tables)
