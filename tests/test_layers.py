@@ -218,3 +218,10 @@ def test_code_is_accepted_for_the_release_weighting(tmp_path):
     spelt = {**cfg.to_dict(), "weighting": "code"}  # a config.json that spells it "code"
     (tmp_path / "config.json").write_text(__import__("json").dumps(spelt))
     assert mf.ModelConfig.load(tmp_path / "config.json") == cfg
+
+
+def test_float64_input_to_a_float32_layer_is_refused_in_one_line():
+    layer = MemoryLayer(16, 8, tau=4)
+    with pytest.raises(TypeError, match=r"input: float64, but the layer's tables are float32 \(cast the input"):
+        layer(torch.randn(2, 16, dtype=torch.float64))
+    assert layer.double()(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64

@@ -133,6 +133,10 @@ class MemoryLayer(nn.Module):
         if x.device != self.tables.device:
             raise ValueError(f"input: on {x.device}, but the layer's tables are on {self.tables.device} "
                              "(move one of them with .to(device))")
+        if x.dtype == torch.float64 and self.tables.dtype != torch.float64:
+            # as nn.Linear refuses mixed dtypes: float64 input would silently be computed at the tables' precision
+            raise TypeError(f"input: float64, but the layer's tables are {str(self.tables.dtype).removeprefix('torch.')}"
+                            " (cast the input, e.g. x.float(), or the layer, layer.double())")
 
     def _check_hash(self, x: torch.Tensor, codes: torch.Tensor, weights: torch.Tensor) -> None:
         want = (*x.shape[:-1], self.n_tables)
