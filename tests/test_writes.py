@@ -127,3 +127,17 @@ def test_a_tensor_of_the_wrong_dtype_is_refused_even_without_verify(tmp_path):
     with pytest.raises(mf.MemoryFormerError, match=r"'blocks.0.attn.qkv.tables' is int32, but the model keeps it as "
                                                    r"float32"):
         mf.load(tmp_path / "m", verify=False)
+
+
+def test_figures_and_reports_never_write_through_a_link(tmp_path, capsys):
+    from memoryformer.cli import main as cli_main
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    os.symlink(victim, tmp_path / "fig.png")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["flops", "--plot", str(tmp_path / "fig.png")])
+    assert e.value.code == 2 and "fig.png is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n"
+    cli_main(["flops", "--plot", str(tmp_path / "real.png")])
+    assert (tmp_path / "real.png").read_bytes()[:4] == b"\x89PNG"  # the format from the name, not the temporary's

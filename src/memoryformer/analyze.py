@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from memoryformer.config import MemoryFormerError
+from memoryformer.integrity import replace_file, save_figure, write_text
 
 
 def memory_layers(model) -> dict[str, torch.nn.Module]:
@@ -155,8 +156,13 @@ def _pyplot():
     return plt
 
 
+def _savez(path: Path, counts: dict) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary's name
+        np.savez_compressed(f, **counts)
+
+
 def _save(fig, path: str | os.PathLike) -> None:
-    fig.savefig(path)
+    save_figure(fig, path)
     _pyplot().close(fig)
 
 
@@ -251,8 +257,8 @@ def analyze_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
     summary["checkpoint"] = str(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "buckets.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    np.savez_compressed(out / "bucket_counts.npz", **counts)
+    write_text(out / "buckets.json", json.dumps(summary, indent=1) + "\n")
+    replace_file(out / "bucket_counts.npz", lambda p: _savez(p, counts))
     ck = Path(checkpoint).resolve()
     name = ck.parent.name if ck.name == "final" else ck.name  # runs/<name>/final
     plot_buckets(counts, out / "buckets.png", title=f"{name}: bucket hits over {seen:,} tokens")

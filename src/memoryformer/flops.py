@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memoryformer.config import ModelConfig, get_config
+from memoryformer.integrity import save_figure
 
 PAPER_SEQ_LEN = 2048
 
@@ -274,5 +275,5 @@ def plot_figure1(path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -123,6 +123,8 @@ def replace_file(dest: Path, write) -> None:
     link at `dest` is refused; one at the temporary name (left there by someone else) is removed, not followed."""
     dest = Path(dest)
     refuse_link(dest, dest.name)
+    if not dest.parent.is_dir():  # name the file asked for, not the temporary
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(dest))
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     if os.path.lexists(tmp):
         tmp.unlink()
@@ -133,6 +135,17 @@ def replace_file(dest: Path, write) -> None:
     finally:
         if os.path.lexists(tmp):
             tmp.unlink()
+
+
+def write_text(dest: str | os.PathLike, text: str) -> None:
+    """Write a small text file atomically and durably (readers see the old or the new content, never a mix)."""
+    replace_file(Path(dest), lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def save_figure(fig, dest: str | os.PathLike) -> None:
+    """A matplotlib figure saved atomically (format from `dest`'s suffix), never through a link."""
+    dest = Path(dest)
+    replace_file(dest, lambda p: fig.savefig(p, format=dest.suffix.lstrip(".") or "png"))
 
 
 def check_apart(out: str | os.PathLike, inputs: dict, what: str = "out") -> None:

@@ -26,7 +26,6 @@ from memoryformer.ops.quant import to_storage, torch_dtype
 from memoryformer.ops.reference import lsb_first
 
 
-
 class MemoryLayer(nn.Module):
     """A hash-table replacement for `nn.Linear(in_features, out_features)`.
 

@@ -11,7 +11,6 @@ from memoryformer.checkpoint.files import (
     atomic_dir,
     check_config,
     infer_config_fields,
-    write_text,
 )
 from memoryformer.checkpoint.training import (
     OPTIMIZER,
@@ -35,5 +34,5 @@ __all__ = [
     "CheckpointError", "_flatten_optimizer", "_unflatten_optimizer", "atomic_dir", "check_config",
     "find_checkpoint", "find_resumable", "infer_config_fields", "is_checkpoint_name", "list_checkpoints",
     "load_model", "load_training_checkpoint", "prune_checkpoints", "resolve_device", "save_model",
-    "save_training_checkpoint", "write_text",
+    "save_training_checkpoint",
 ]

@@ -149,11 +149,6 @@ def atomic_dir(dest: str | os.PathLike):
 
 
 
-def write_text(dest: str | os.PathLike, text: str) -> None:
-    """Write a small text file atomically and durably (readers see the old or the new content, never a mix)."""
-    replace_file(Path(dest), lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
 
 # config.json against the tensors
 

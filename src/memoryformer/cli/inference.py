@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from memoryformer.cli.args import add_verify
-from memoryformer.integrity import check_apart
 from memoryformer.config import (
     INFERENCE_DTYPES,
     ConfigError,
     MemoryFormerError,
 )
+from memoryformer.integrity import check_apart
 
 
 def add_generate(p) -> None:

@@ -44,6 +44,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from memoryformer.data import EOT_ID
 from memoryformer.evaluate.scoring import get_tokenizer
 from memoryformer.evaluate.tasks import TASKS, parse_tasks, resolve_data_dir, task_file
+from memoryformer.integrity import write_text
 
 # Where each of our tasks comes from inside lm_eval/tasks, and which split of the local file it evaluates.
 _UPSTREAM = {task: (spec.upstream, spec.split) for task, spec in TASKS.items()}
@@ -196,7 +197,7 @@ def write_task_yamls(out_dir: str | os.PathLike, tasks=None, data_dir: str | os.
         if task == "winogrande":
             cfg.update(doc_to_text="label", doc_to_choice="contexts", doc_to_target="continuation",
                        should_decontaminate=False)
-        (out / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        write_text(out / f"{task}.yaml", yaml.safe_dump(cfg, sort_keys=False))
     return out
 
 

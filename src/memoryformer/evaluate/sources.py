@@ -24,6 +24,7 @@ from pathlib import Path
 
 from memoryformer.config import MemoryFormerError
 from memoryformer.evaluate.prompts import ALL_TASKS, TASKS, parse_tasks
+from memoryformer.integrity import write_text
 
 PARQUET_REVISION = "refs/convert/parquet"  # the Hub's automatic parquet copy of every public dataset
 
@@ -161,11 +162,8 @@ def write_files(out_dir: str | os.PathLike, tasks=None, limit: int | None = None
     paths = {}
     for task in parse_tasks(tasks):
         path = out / TASKS[task].file
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in hub_records(task, limit):
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in hub_records(task, limit))
+        write_text(path, text)
         paths[task] = path
     return paths
 

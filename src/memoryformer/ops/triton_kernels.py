@@ -38,7 +38,6 @@ from memoryformer.ops.library import define_lookup_op, flat_call
 from memoryformer.ops.reference import chunk_hash, result_dtype, row_scales
 
 
-
 class KernelConfig(NamedTuple):
     """Tiles (tokens x output dims per program) of each kernel and the table-gradient method."""
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from memoryformer.config import DENSE_CONTROL, MemoryFormerError, ModelConfig, get_config
 from memoryformer.flops import PAPER_SEQ_LEN, block_flops
+from memoryformer.integrity import write_text
 
 
 @dataclass
@@ -166,8 +167,8 @@ def run_suite(suite_name: str, *, scale: str = "micro", tokens: int = 300_000, o
             t0 = time.time()
             s = train(cfg, tcfg)
             s["wall_s"] = round(time.time() - t0, 1)
-            Path(tcfg.out, "ablation.json").write_text(
-                json.dumps({"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=1) + "\n", encoding="utf-8")
+            write_text(Path(tcfg.out, "ablation.json"),
+                       json.dumps({"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=1) + "\n")
             log(f"[{suite.name}] {v.name}: val ppl {s.get('val_ppl'):.3f} ({s.get('tokens'):,} tokens, "
                 f"{s.get('tokens_per_s', 0):,.0f} tokens/s)")
         else:
@@ -287,6 +288,6 @@ def write_results(res: dict, results_dir: str | os.PathLike) -> tuple[Path, Path
     d.mkdir(parents=True, exist_ok=True)
     stem = f"ablations_{res['suite'].replace('-', '_')}_{res['scale']}"
     md, js = d / f"{stem}.md", d / f"{stem}.json"
-    md.write_text(format_markdown(res), encoding="utf-8")
-    js.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    write_text(md, format_markdown(res))
+    write_text(js, json.dumps(res, indent=1) + "\n")
     return md, js

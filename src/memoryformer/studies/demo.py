@@ -22,6 +22,7 @@ from memoryformer import data as data_mod
 from memoryformer.config import DENSE_CONTROL, SAMPLE, ConfigError, TrainConfig, get_config
 from memoryformer.flops import forward_flops_per_token
 from memoryformer.generate import generate
+from memoryformer.integrity import save_figure, write_text
 from memoryformer.studies.rounds import Contender, milestones, run_rounds
 from memoryformer.train import default_lr
 
@@ -86,7 +87,7 @@ def plot_curves(runs: dict[str, Path], dest: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(dest)
+    save_figure(fig, dest)
     plt.close(fig)
 
 
@@ -130,8 +131,8 @@ def run_demo(minutes: float = 10.0, out: str = "runs/demo", *, preset: str = "mi
                   * seq_len, val_tokens_total=len(val), rows=rows, ppl_ratio=rows[0]["val_ppl"] / rows[1]["val_ppl"],
                   conclusive=tokens >= CONCLUSIVE_TOKENS, minutes=round((time.perf_counter() - t_start) / 60, 2),
                   data=data or "sample")
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text("\n".join(_markdown(report, rows)))
+    write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_text(out / "report.md", "\n".join(_markdown(report, rows)))
     print("\n" + "\n".join(_table(rows)))
     print(f"\nMemoryFormer / dense validation perplexity: {report['ppl_ratio']:.3f}"
           + ("" if report["conclusive"] else f" (inconclusive below {CONCLUSIVE_TOKENS:,} tokens per model)"))

@@ -35,6 +35,7 @@ from memoryformer.integrity import (
     refuse_link,
     remove_stale_temps,
     replace_file,
+    write_text,
 )
 from memoryformer.train import distributed as dist_mod
 from memoryformer.train.distributed import all_reduce, barrier
@@ -108,8 +109,8 @@ def open_outputs(run: Run, resume_path: Path | None) -> None:
             metrics.unlink()
         if resume_path is not None and metrics.exists():
             keep = [rec for rec in read_jsonl(metrics) if rec.get("step", 0) <= run.step]
-            ckpt_io.write_text(metrics, "".join(json.dumps(rec) + "\n" for rec in keep))
-        ckpt_io.write_text(out / "train_config.json", json.dumps(run.tcfg.to_dict(), indent=1) + "\n")
+            write_text(metrics, "".join(json.dumps(rec) + "\n" for rec in keep))
+        write_text(out / "train_config.json", json.dumps(run.tcfg.to_dict(), indent=1) + "\n")
         replace_file(out / "config.json", run.cfg.save)
         if run.tcfg.tensorboard:
             run.tb = summary_writer()(str(out / "tensorboard"))
@@ -377,7 +378,7 @@ def finish(run: Run, stopped_by: str) -> dict:
     val_loss = run.val_loss
     s = summary(run, str(path), val_loss, stopped_by, checksums)
     if run.rt.is_main:
-        ckpt_io.write_text(run.out / "summary.json", json.dumps(s, indent=1) + "\n")
+        write_text(run.out / "summary.json", json.dumps(s, indent=1) + "\n")
         if stopped_by != "interrupt" and val_loss is not None and run.tcfg.verbose:
             print(f"{'done' if stopped_by == 'done' else 'paused'}: {run.step} steps, {run.tokens:,} tokens, val loss "
                   f"{val_loss:.4f} (ppl {s['val_ppl']:.2f}); model in {path}")
