@@ -35,3 +35,24 @@ def test_training_too_large_for_memory_stops_before_allocating(corpus, tmp_path,
     assert not (tmp_path / "r").exists()  # nothing written
     s = train(tiny_cfg(), t.replace(force_memory=True))
     assert s["steps"] == 1
+
+
+def test_loading_and_the_engine_check_memory_before_allocating(tmp_path, monkeypatch):
+    from helpers import tiny_model
+
+    from memoryformer.checkpoint.weights import load_bytes
+    from memoryformer.inference import DecodeEngine
+
+    mf.save_model(tiny_model(), tmp_path / "m")
+    n = sum(t.numel() for t in tiny_model().state_dict().values() if t.is_floating_point())
+    assert load_bytes(tmp_path / "m", None, None) >= 8 * n * 0.9  # read + copied in, float32
+    assert load_bytes(tmp_path / "m", "int8", "int8") < load_bytes(tmp_path / "m", None, None) / 4
+    monkeypatch.delenv(resources.FORCE_ENV, raising=False)
+    monkeypatch.setattr(resources, "available_bytes", lambda device="cpu": 1000)
+    with pytest.raises(mf.MemoryFormerError, match=r"loading .*m needs about .* GB, more than the 0.00 GB"):
+        mf.load(tmp_path / "m")
+    monkeypatch.setenv(resources.FORCE_ENV, "1")
+    model = mf.load(tmp_path / "m", tables="int8")
+    monkeypatch.delenv(resources.FORCE_ENV)
+    with pytest.raises(mf.MemoryFormerError, match=r"the decode engine's KV cache \(4 rows x 32 positions\) needs"):
+        DecodeEngine(model, batch_size=4)

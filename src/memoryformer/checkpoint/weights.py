@@ -7,6 +7,7 @@ frozen (`memoryformer.inference.inference_metadata`); `load_model` rebuilds it t
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from memoryformer.checkpoint.files import (
     WEIGHTS,
     _read_metadata,
     _read_weights,
+    _unreadable,
     _verify,
     _write_errors,
     _write_weights,
@@ -26,6 +28,7 @@ from memoryformer.checkpoint.training import find_checkpoint
 from memoryformer.config import HEAD_KEY, INFERENCE_DTYPES, TABLES_KEY, MemoryFormerError, ModelConfig
 from memoryformer.integrity import ensure_dir, write_manifest
 from memoryformer.model import build_model
+from memoryformer.resources import check_fits
 
 
 def save_model(model: torch.nn.Module, path: str | os.PathLike) -> Path:
@@ -101,6 +104,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if verify:  # before parsing anything: a truncated or damaged file is named as such
         _verify(path, (WEIGHTS, CONFIG))
     meta = _read_metadata(path)
+    check_fits(load_bytes(path, tables, head), f"loading {path}", str(device))
     if tables is not None or head is not None or meta.get(HEAD_KEY) or meta.get(TABLES_KEY):
         head = head if head is not None else (default_head(tables) if tables is not None else None)
         try:
@@ -119,6 +123,26 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if dtype is not None:
         model.to(dtype)
     return model.to(device).eval()
+
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+
+
+def load_bytes(path: Path, tables: str | None, head: str | None) -> float:
+    """Peak bytes `load_model` will hold, from the file's header alone: the model in its target precisions, and
+    for a plain load also the tensors read before they are copied in (twice the float32 model)."""
+    from safetensors import safe_open
+
+    with _unreadable(path), safe_open(path / WEIGHTS, framework="pt") as f:
+        shapes = {k: (math.prod(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    if tables is None and head is None and not any(d == "I8" for _, d in shapes.values()):
+        return 2 * 4 * sum(n for n, _ in shapes.values())
+
+    def size(name: str, stored: str) -> float:
+        want = tables if name.endswith(".tables") else head if name.split(".")[0] in ("head", "embed") else "float32"
+        return _BYTES.get(want, {"I8": 1, "BF16": 2, "F16": 2}.get(stored, 4))
+
+    return sum(n * size(k, d) for k, (n, d) in shapes.items())
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

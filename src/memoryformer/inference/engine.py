@@ -18,6 +18,7 @@ import torch.nn as nn
 from memoryformer.config import MemoryFormerError, ModelConfig
 from memoryformer.inference.quantized import QuantizedEmbedding, QuantizedLinear
 from memoryformer.ops import cpu_ext
+from memoryformer.resources import check_fits
 
 # ModelConfig fields (of those `fields_that_apply()` keeps for a MemoryFormer) that reach the engine other than
 # by their own name in `engine_config`, and how. A new field must be added to `engine_config` (and read in
@@ -96,6 +97,8 @@ class DecodeEngine:
         kv = kv_dtype or (torch.float32 if table_dtype == torch.float32 else torch.bfloat16)
         if kv not in (torch.float32, torch.bfloat16):
             raise ValueError(f"kv_dtype: expected torch.float32 or torch.bfloat16, got {kv}")
+        cache_bytes = 2 * cfg.n_layer * batch_size * S * cfg.d_model * kv.itemsize  # keys and values
+        check_fits(cache_bytes, f"the decode engine's KV cache ({batch_size} rows x {S} positions)")
         # a weak reference: `engine_for` keeps engines in a WeakKeyDictionary keyed by their model, which a strong one
         # would keep alive for ever (the compiled engine holds the tensors it reads itself)
         self._model = weakref.ref(model)
