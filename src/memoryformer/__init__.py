@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.3.1"
+__version__ = "0.4.0"
 
 _EXPORTS = {
     "ConfigError": "config", "MemoryFormerError": "config", "ModelConfig": "config", "TrainConfig": "config",
