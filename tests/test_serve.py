@@ -212,3 +212,30 @@ def test_histogram_is_cumulative():
         h.observe(v)
     assert h.lines("x") == ['x_bucket{le="0.1"} 1', 'x_bucket{le="1.0"} 3', 'x_bucket{le="+Inf"} 4',
                             "x_sum 4.05", "x_count 4"]
+
+
+def test_one_failing_request_never_stops_the_loop():
+    calls = {"n": 0}
+
+    def flaky(ids):  # the decoder fails on its first call only: outside the engine, inside a step
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("decoder broke")
+        return chars(ids)
+
+    sched = Scheduler(EagerSlots(build(), 2), decode=flaky).start()
+    with pytest.raises(RuntimeError, match="internal error: RuntimeError: decoder broke"):
+        sched.submit(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0)).result()
+    assert sched.alive and sched.active == 0
+    text, reason, _ = sched.submit(PROMPTS[1], SamplingParams(max_tokens=3, temperature=0)).result()
+    assert reason == "length" and len(text) == 3
+    sched.shutdown()
+    assert not sched.alive
+
+
+def test_a_seed_a_generator_cannot_take_is_refused():
+    from memoryformer.serve.protocol import parse_completion
+
+    with pytest.raises(Exception, match=r"seed: expected an integer >= 0 and <= 9223372036854775807"):
+        parse_completion({"prompt": [1], "max_tokens": 2, "seed": 2**70}, encode=lambda s: [1], vocab_size=300,
+                         max_seq_len=48)

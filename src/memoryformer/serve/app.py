@@ -90,6 +90,8 @@ def build_app(scheduler: Scheduler, *, model_name: str, encode, api_key: str | N
     async def health():
         if not scheduler.admitting:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if not scheduler.alive:
+            return JSONResponse({"status": "error", "detail": "the decoding loop is not running"}, status_code=503)
         return {"status": "ok", "active": scheduler.active, "waiting": scheduler.queue_depth}
 
     @app.get("/metrics")

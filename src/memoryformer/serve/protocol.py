@@ -48,12 +48,12 @@ def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool 
     return v
 
 
-def _optional_int(body: dict, name: str, lo: int, default=None, disabled: tuple = ()):
+def _optional_int(body: dict, name: str, lo: int, default=None, disabled: tuple = (), hi: int | None = None):
     v = body.get(name)
     if v is None or (v in disabled and _is_int(v)):
         return default
-    if not _is_int(v) or v < lo:
-        raise _bad(name, f"an integer >= {lo}", v)
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        raise _bad(name, f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""), v)
     return v
 
 
@@ -132,7 +132,7 @@ def parse_completion(body, *, encode, vocab_size: int, max_seq_len: int) -> Comp
         temperature=_number(body, "temperature", 1.0, 0.0, math.inf),
         top_p=_number(body, "top_p", None, 0.0, 1.0, lo_open=True),
         top_k=_optional_int(body, "top_k", 1, None, disabled=(-1, 0)),
-        seed=_optional_int(body, "seed", 0),
+        seed=_optional_int(body, "seed", 0, hi=2**63 - 1),  # what a torch.Generator takes
         stop=_stops(body), stop_token_ids=tuple(stop_ids), ignore_eos=ignore_eos,
     )
     return CompletionRequest(ids, params, stream, bool(opts.get("include_usage", False)))

@@ -226,6 +226,11 @@ class Scheduler:
     def admitting(self) -> bool:
         return self._admitting
 
+    @property
+    def alive(self) -> bool:
+        """Is the thread that runs the steps running (False before `start` and after it stopped)?"""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                loop: asyncio.AbstractEventLoop | None = None) -> Handle:
         """Queue a request; ValueError for a bad prompt, `QueueFull`, `ShuttingDown`."""
@@ -289,9 +294,14 @@ class Scheduler:
                 admitted = []
                 while self._free and self._waiting:
                     admitted.append((self._waiting.popleft(), self._free.pop()))
-            for handle, slot in admitted:
-                self._prefill(handle, slot)
-            self._step()
+            try:
+                for handle, slot in admitted:
+                    self._prefill(handle, slot)
+                self._step()
+            except Exception as e:  # noqa: BLE001 - the loop must outlive any one step: fail its rows, go on
+                log.exception("scheduler step failed")
+                with self._cond:
+                    self._cancel_all(f"internal error: {type(e).__name__}: {e}", reason="error")
 
     def _reap(self) -> None:
         """Drop cancelled requests (under the lock): their slots return at once."""
@@ -301,11 +311,11 @@ class Scheduler:
         for row in [r for r in self._rows.values() if r.handle.cancelled]:
             self._release(row, Event("", [], "cancelled"))
 
-    def _cancel_all(self, why: str) -> None:
+    def _cancel_all(self, why: str, reason: str = "cancelled") -> None:
         while self._waiting:
-            self._finish_handle(self._waiting.popleft(), "cancelled", why)
+            self._finish_handle(self._waiting.popleft(), reason, why)
         for row in list(self._rows.values()):
-            self._release(row, Event("", [], "cancelled", why))
+            self._release(row, Event("", [], reason, why))
 
     def _finish_handle(self, handle: Handle, reason: str, error: str | None = None) -> None:
         self.metrics.finish(reason)
@@ -321,13 +331,13 @@ class Scheduler:
 
     def _prefill(self, handle: Handle, slot: int) -> None:
         p = handle.params
-        gen = None
-        if p.temperature > 0:
-            gen = torch.Generator().manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
         stop_ids = set(p.stop_token_ids) | ({self.eos_id} if self.eos_id is not None and not p.ignore_eos else set())
         room = self.engine.max_seq_len - len(handle.prompt_ids)  # prompt + sampled tokens fit the slot's context
-        row = _Row(handle, slot, min(p.max_tokens, room), frozenset(stop_ids), gen)
         try:
+            gen = None
+            if p.temperature > 0:
+                gen = torch.Generator().manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+            row = _Row(handle, slot, min(p.max_tokens, room), frozenset(stop_ids), gen)
             logits = self.engine.add(slot, handle.prompt_ids)
         except Exception as e:  # one bad request must not stop the others
             log.exception("prefill of request %d failed", handle.id)
