@@ -64,12 +64,17 @@ def test_export_over_its_own_checkpoint_is_refused_even_with_force(tmp_path, cap
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_generation_with_one_line(tmp_path):
     mf.save_model(tiny_model(), tmp_path / "m")
     env = {**os.environ, "MEMORYFORMER_CPU_KERNEL": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "memoryformer", "generate", "--checkpoint", str(tmp_path / "m"),
                              "--prompt", "The", "--max-new-tokens", "100000000000", "--no-verify"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=Path(__file__).parent)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=Path(__file__).parent,
+                            preexec_fn=_default_sigint)  # a background job starts with SIGINT ignored
     os.set_blocking(proc.stdout.fileno(), False)
     deadline, got = time.time() + 120, b""
     while time.time() < deadline and len(got) < 20:  # tokens arrive while it runs: it streams
