@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -25,8 +26,7 @@ log = logging.getLogger("memoryformer")
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "decode.cpp", CSRC / "engine.cpp")
-HEADERS = (CSRC / "kernels.h",)
-SOURCE = SOURCES[0]
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
 MAX_TOKENS = 2  # above this, fbgemm's embedding bag is as fast (benchmarks/results/kernels_summary.md)
 
 _state: dict = {}
@@ -70,16 +70,28 @@ def get():
 
             _clear_stale_lock(Path(_get_build_directory(build_name(), verbose=False)) / "lock")
             log.info("memoryformer: building the CPU inference kernels (once per machine, cached)")
-            # -fopenmp-simd: vectorisation hints only, no second OpenMP runtime beside torch's
-            flags = ["-O3", "-fopenmp-simd"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
-            module = load(build_name(), [str(s) for s in SOURCES], extra_cflags=flags, extra_include_paths=[str(CSRC)],
-                          verbose=False)
+            cflags, ldflags = _build_flags()
+            module = load(build_name(), [str(s) for s in SOURCES], extra_cflags=cflags, extra_ldflags=ldflags,
+                          extra_include_paths=[str(CSRC)], verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: use the ATen path
             reason = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
     if module is None:
         log.warning(f"memoryformer: CPU inference kernels unavailable ({reason}); using the ATen path")
     _state["module"] = module
     return module
+
+
+def _build_flags() -> tuple[list[str], list[str]]:
+    """Compiler and linker flags. at::parallel_for is a template whose OpenMP pragma is compiled into the caller: with
+    torch built on OpenMP the extension needs -fopenmp for it to run in parallel at all. On Linux the extension then
+    needs libgomp.so.1, the soname of the libgomp torch ships and has already loaded, so the process keeps one OpenMP
+    runtime."""
+    import torch
+
+    cflags = ["-O3", "-fopenmp-simd"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+    if torch._C.has_openmp and sys.platform.startswith("linux"):
+        return cflags + ["-fopenmp"], ["-fopenmp"]
+    return cflags, []
 
 
 STALE_LOCK_S = 900  # a build takes 1-3 minutes; a lock this old was left by a build that was killed
@@ -104,6 +116,17 @@ def threads(n: int | None = None) -> int:
     if n is not None:
         module.set_threads(int(n))
     return module.get_threads()
+
+
+def parallel(name: str | None = None) -> str:
+    """Which threads run the kernels' parallel loops: "pool" (their own) or "aten" (torch's intra-op pool, sized by
+    `torch.set_num_threads`); set with `name`."""
+    module = get()
+    if module is None:
+        return "none"
+    if name is not None:
+        module.set_parallel(name)
+    return module.get_parallel()
 
 
 def reset() -> None:
