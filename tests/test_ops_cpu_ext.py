@@ -184,9 +184,9 @@ def test_huge_page_tensor_is_aligned_and_usable(ext):
 
 
 def test_thread_pool_runs_every_chunk_once_for_its_own_job(ext):
-    # back-to-back jobs of n and 2n chunks: a worker finishing the smaller job once claimed a chunk of the next,
-    # larger one before it was published (the chunk ran with a freed job: a segfault, or a chunk counted twice:
-    # outputs still being written after the call returned). A child process, so that a crash is a failure here
+    # back-to-back jobs of n and 2n chunks: where a worker finishing the smaller job could claim a chunk of the next,
+    # larger one before it is published (the chunk runs with a freed job: a segfault, or a chunk counted twice:
+    # outputs still being written after the call returns). A child process, so that a crash is a failure here
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs 2 cores for a worker thread")
     code = ("from memoryformer.ops import cpu_ext; ext = cpu_ext.get(); cpu_ext.threads(2); "

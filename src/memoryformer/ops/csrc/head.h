@@ -30,8 +30,9 @@ void dispatch_rows(at::ScalarType t, const char* what, F&& f) {
 // GEMV over rows [r0, r1): y[r] = (scale ? scale[r] : 1) * <W[r, :d], x>.
 
 // Rows are read 4 at a time, each a short stream (768 B for an int8 row of d = 768): too short for the hardware
-// prefetchers to train on, so the int8 head ran at a third of the fp32 one's bytes/s. Each 4-row group therefore
-// prefetches the group kPrefetchGroups ahead (rows below `r_pf`, the end of the caller's chunk), a slice per step.
+// prefetchers to train on (left to them, the int8 head reads a third of the fp32 one's bytes/s). Each 4-row group
+// therefore prefetches the group kPrefetchGroups ahead (rows below `r_pf`, the end of the caller's chunk), a slice
+// per step.
 constexpr int64_t kPrefetchGroups = 2;
 
 template <typename T>
