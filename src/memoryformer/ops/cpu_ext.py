@@ -4,7 +4,7 @@ the whole-model decode engine (`memoryformer.inference.DecodeEngine`).
 At batch 1 a Memory Layer reads 1/tau of a dense layer's bytes, but as K scattered rows: the ATen path spends its
 time in ~15 small operations and the rows arrive one DRAM latency at a time. The kernel does the whole layer in one
 call, prefetches the rows it is about to read and splits the output columns over a small pool of persistent
-threads (`threads()`; no second OpenMP runtime beside torch's).
+threads (`threads()`), or over torch's intra-op threads with `parallel("aten")` (benchmarks/pool.py compares them).
 
 It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute, once per machine: the
 build is cached under `~/.cache/torch_extensions`, keyed by the sources and the CPU's instruction set). Without a
