@@ -105,7 +105,8 @@ def main(argv=None):
     device = torch.device("cpu")
     lines = header("CPU decode: the kernels' thread pool vs at::parallel_for", device,
                    sys.argv if argv is None else ["benchmarks/pool.py", *argv])
-    lines[-1:-1] = [f"- torch parallel backend: {torch.__config__.parallel_info().split('ATen parallel backend: ')[-1].strip()}"]
+    backend = torch.__config__.parallel_info().split("ATen parallel backend: ")[-1].strip()
+    lines[-1:-1] = [f"- torch parallel backend: {backend}"]
     print("\n".join(lines), flush=True)
     rows = [measure(size, args) for size in args.configs]
     lines += report(rows, args) + [f"- {load()} at end"]

@@ -109,7 +109,9 @@ def _clear_stale_lock(lock: Path) -> None:
 
 
 def threads(n: int | None = None) -> int:
-    """Threads the compiled kernels use (the caller plus persistent workers); set with `n`. Default: torch's."""
+    """Threads the compiled kernels use: with the "pool" implementation (the default) the caller plus persistent
+    workers, set with `n` (default: torch's count at the first use); with "aten", torch's intra-op threads
+    (`torch.set_num_threads`), which `n` leaves alone."""
     module = get()
     if module is None:
         return 1

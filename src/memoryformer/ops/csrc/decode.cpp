@@ -1,12 +1,12 @@
 // Memory Layer inference for a few tokens on CPU (hash + weight + gather-sum in one call), the GEMV of the
-// quantised LM head, huge-page tensors, the choice of thread pool, and the bindings of the decode engine
-// (engine.cpp).
+// quantised LM head, huge-page tensors, the choice of parallel implementation, and the bindings of the decode
+// engine (engine.cpp).
 //
 // At batch 1 a layer reads K scattered rows of h entries: its cost is DRAM latency, not arithmetic, so the kernel
-// hashes all chunks first, then gathers with the next rows prefetched, the output columns split over the pool's
-// threads (parallel.h). Numbers match memoryformer.ops.chunk_hash + memory_lookup: bit j of a chunk is [z_j >= 0] with weight
-// 2^(tau-1-j); p = prod_j sigmoid(2|z_j| / t); "code" weighting multiplies p by ||z||_1; int8 tables fold their
-// per-row scale into the weight. Accumulation is fp32 for every table dtype.
+// hashes all chunks first, then gathers with the next rows prefetched, the output columns split over the threads
+// (parallel.h). Numbers match memoryformer.ops.chunk_hash + memory_lookup (Eq. 3-12): bit j of a chunk is
+// [z_j >= 0] with weight 2^(tau-1-j); p = prod_j sigmoid(2|z_j| / t); "code" weighting multiplies p by ||z||_1;
+// int8 tables fold their per-row scale into the weight. Accumulation is fp32 for every table dtype.
 #include <torch/extension.h>
 
 #include <string>
