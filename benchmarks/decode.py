@@ -25,7 +25,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_timing import (PHASES, PRECISIONS, dense_bytes_per_token, mf_bytes_per_token, mf_model,  # noqa: E402
+                           one_min_load, profile_engine, run_engine)
 from kernel_timing import RESULTS, device_name, header, load, slug  # noqa: E402
 
 import memoryformer as mf  # noqa: E402
@@ -42,41 +43,7 @@ from memoryformer import inference as inf  # noqa: E402
 from memoryformer.ops import cpu_ext  # noqa: E402
 
 PAIRS = {"tiny": "70m", "small": "160m"}  # MemoryFormer preset -> the Pythia shape it is compared with
-PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 LLAMA = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # llama.cpp's formats at the same weight precision
-ELEM = {"fp32": 4, "bf16": 2, "int8": 1}
-
-
-def one_min_load() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Bytes a decode step reads (the bound on tokens/s at a given memory bandwidth)
-
-
-def mf_bytes_per_token(cfg: mf.ModelConfig, prec: str, ctx: int) -> dict[str, float]:
-    """Table rows hit (+ their int8 scales), head and embedding row, and the keys/values attention reads."""
-    e = ELEM[prec]
-    K = cfg.n_tables
-    per_block = K * (3 * cfg.d_model + cfg.block_hidden) + cfg.block_hidden // (cfg.tau + cfg.expand_bits) * cfg.d_model
-    tables = cfg.n_layer * per_block * e + (cfg.n_layer * 3 * K * 4 if prec == "int8" else 0)
-    head = cfg.vocab_size * cfg.d_model * e + (cfg.vocab_size * 4 if prec == "int8" else 0)
-    kv_elem = 4 if prec == "fp32" else 2
-    kv = 2 * cfg.n_layer * ctx * cfg.d_model * kv_elem
-    return {"tables": tables, "head": head, "kv": kv, "total": tables + head + kv + cfg.d_model * e}
-
-
-def dense_bytes_per_token(cfg: mf.ModelConfig, prec: str, ctx: int) -> dict[str, float]:
-    """A dense Pythia reads every weight once per token (embedding row aside), plus its f16/fp32 KV cache."""
-    d, L, V = cfg.d_model, cfg.n_layer, cfg.vocab_size
-    e = {"fp32": 4, "bf16": 2, "int8": 34 / 32}[prec]  # Q8_0: 32 int8 + one f16 scale per block
-    weights = L * (4 * d * d + 2 * cfg.ffn_mult * d * d) * e + V * d * e
-    kv = 2 * L * ctx * d * (4 if prec == "fp32" else 2)
-    return {"weights": weights, "kv": kv, "total": weights + kv}
 
 
 def stream_gbs(mb: int = 512, reps: int = 5) -> float:
@@ -94,37 +61,6 @@ def stream_gbs(mb: int = 512, reps: int = 5) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Systems
-
-
-def mf_model(size: str, prec: str, seed: int = 0):
-    p = PRECISIONS[prec]
-    return inf.random_inference_model(mf.get_config(size), tables=p, head=p, seed=seed)
-
-
-def run_engine(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for `new` tokens) through the compiled engine."""
-    eng = inf.DecodeEngine(model, max_seq_len=prompt.shape[1] + new + 1)
-    t0 = time.perf_counter()
-    logits = eng.prefill(prompt)
-    t1 = time.perf_counter()
-    for _ in range(new):
-        logits = eng.step(logits.argmax(-1))
-    return t1 - t0, time.perf_counter() - t1
-
-
-PHASES = ("embed", "hash", "gather_qkv", "attention", "norms_residuals", "gather_block_l1", "gather_block_l2", "head")
-
-
-def profile_engine(model, prompt: torch.Tensor, new: int) -> dict[str, float]:
-    """Milliseconds per decode step in each phase of the engine (an extra, untimed pass with its profiler on)."""
-    eng = inf.DecodeEngine(model, max_seq_len=prompt.shape[1] + new + 1)
-    logits = eng.prefill(prompt)
-    eng.profile(True)
-    for _ in range(new):
-        logits = eng.step(logits.argmax(-1))
-    t = eng.timings()
-    eng.profile(False)
-    return {k: 1e3 * t.get(k, 0.0) / new for k in PHASES}
 
 
 @torch.inference_mode()
@@ -176,10 +112,9 @@ def run_llama(bench: str, gguf: Path, prompt: int, new: int, threads: int) -> fl
 # Sections
 
 
-def section_decode(args, lines: list[str], record: dict) -> None:
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 50277, (1, args.prompt), generator=g)
-    systems = []  # (key, kind, size, precision)
+def decode_systems(args) -> list[tuple]:
+    """(key, kind, size or gguf file, precision) of every system the decode section times."""
+    systems = []
     for size in args.configs:
         for prec in args.precisions:
             systems.append((f"mf-{size}-{prec}-engine", "engine", size, prec))
@@ -196,6 +131,12 @@ def section_decode(args, lines: list[str], record: dict) -> None:
                     systems.append((f"llama-{PAIRS[size]}-{LLAMA[prec]}", "llama", f, prec))
                 else:
                     print(f"  (no {f}: llama.cpp {LLAMA[prec]} skipped)", file=sys.stderr)
+    return systems
+
+
+def time_systems(args, systems: list[tuple], prompt: torch.Tensor) -> dict:
+    """Interleaved rounds over every system (a different one starts each round): tokens/s, prompt seconds, the
+    load at each round's start, and the engine's phase profile."""
     rates: dict[str, list[float]] = {k: [] for k, *_ in systems}
     prefill: dict[str, list[float]] = {k: [] for k, *_ in systems}
     loads: list[float] = []
@@ -203,7 +144,7 @@ def section_decode(args, lines: list[str], record: dict) -> None:
     phases: dict[str, list[dict[str, float]]] = {}
     for r in range(args.rounds):
         loads.append(one_min_load())
-        order = systems[r % len(systems):] + systems[: r % len(systems)]  # a different system starts each round
+        order = systems[r % len(systems):] + systems[: r % len(systems)]
         built: dict[tuple, torch.nn.Module] = {}
         for key, kind, where, prec in order:
             if kind in ("engine", "eager"):
@@ -233,19 +174,11 @@ def section_decode(args, lines: list[str], record: dict) -> None:
         built.clear()
         gc.collect()
     loads.append(one_min_load())
-    med = {k: statistics.median(v) for k, v in rates.items() if v}
-    gbs = stream_gbs()
+    return dict(rates=rates, prefill=prefill, loads=loads, phases=phases)
 
-    lines += [
-        f"## Decode: batch 1, greedy, {args.prompt}-token prompt, {args.new} new tokens, {args.threads} threads",
-        "",
-        f"Median of {args.rounds} interleaved rounds; 1-minute load average at each round's start: "
-        + ", ".join(f"{x:.2f}" for x in loads[:-1]) + f" (end {loads[-1]:.2f}). Streaming read bandwidth measured in "
-        f"this run (fp32 GEMV over 512 MB, {cpu_ext.threads()} threads): **{gbs:.1f} GB/s**.",
-        "",
-        "| system | precision | tokens/s | prompt (ms) | bytes/token | effective GB/s | bound at stream GB/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
+
+def speed_rows(args, systems: list[tuple], t: dict, med: dict[str, float], gbs: float, lines: list[str]) -> list:
+    """The tokens/s table: bytes per token, effective GB/s and the bound at the stream bandwidth."""
     rows = []
     for key, kind, where, prec in systems:
         if key not in med:
@@ -256,11 +189,16 @@ def section_decode(args, lines: list[str], record: dict) -> None:
         else:
             pythia = where if kind == "hf" else Path(where).name.split("-")[1]
             b = dense_bytes_per_token(mf.get_config(f"pythia-{pythia}"), prec, ctx)["total"]
-        pre = f"{statistics.median(prefill[key]) * 1e3:.0f}" if prefill[key] else "n/a"
-        rows.append(dict(system=key, precision=prec, tok_s=med[key], rounds=rates[key], prompt_ms=pre,
+        pre = f"{statistics.median(t['prefill'][key]) * 1e3:.0f}" if t["prefill"][key] else "n/a"
+        rows.append(dict(system=key, precision=prec, tok_s=med[key], rounds=t["rates"][key], prompt_ms=pre,
                          bytes_per_token=b, effective_gbs=b * med[key] / 1e9, bound_tok_s=gbs * 1e9 / b))
         lines.append(f"| {key} | {prec} | {med[key]:.1f} | {pre} | {b / 1e6:.1f} MB | {b * med[key] / 1e9:.1f} | "
                      f"{gbs * 1e9 / b:.0f} tok/s |")
+    return rows
+
+
+def ratio_lines(args, med: dict[str, float], lines: list[str]) -> dict:
+    """MemoryFormer engine over every other system at equal weight precision."""
     lines += ["", "Ratios (tokens/s, MemoryFormer engine over the other at equal weight precision):", ""]
     ratios = {}
     for size in args.configs:
@@ -273,6 +211,11 @@ def section_decode(args, lines: list[str], record: dict) -> None:
                 if other in med and (size, prec, other) not in ratios:
                     ratios[(size, prec, other)] = ours / med[other]
                     lines.append(f"- mf-{size}-{prec}-engine / {other}: **{ours / med[other]:.2f}x**")
+    return {f"mf-{s}-{p}-engine/{o}": v for (s, p, o), v in ratios.items()}
+
+
+def phase_lines(phases: dict[str, list[dict[str, float]]], lines: list[str]) -> dict:
+    """Median milliseconds per decode step in each phase of the engine."""
     lines += ["", "Where an engine decode step goes (ms per token, median over rounds, from the engine's own profiler in "
               "an extra pass; `rest` = norms, residuals, rotary and attention, the non-gather work):", "",
               "| system | " + " | ".join(PHASES) + " | rest | total |", "|---|" + "---|" * (len(PHASES) + 2)]
@@ -285,8 +228,31 @@ def section_decode(args, lines: list[str], record: dict) -> None:
         lines.append(f"| {key} | " + " | ".join(f"{m[k]:.3f}" for k in PHASES) + f" | {m['rest']:.3f} | "
                      f"{m['total']:.3f} |")
     lines.append("")
-    record["decode"] = dict(rows=rows, loads=loads, stream_gbs=gbs, phases_ms=phase_rows,
-                            ratios={f"mf-{s}-{p}-engine/{o}": v for (s, p, o), v in ratios.items()})
+    return phase_rows
+
+
+def section_decode(args, lines: list[str], record: dict) -> None:
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 50277, (1, args.prompt), generator=g)
+    systems = decode_systems(args)
+    t = time_systems(args, systems, prompt)
+    loads = t["loads"]
+    med = {k: statistics.median(v) for k, v in t["rates"].items() if v}
+    gbs = stream_gbs()
+    lines += [
+        f"## Decode: batch 1, greedy, {args.prompt}-token prompt, {args.new} new tokens, {args.threads} threads",
+        "",
+        f"Median of {args.rounds} interleaved rounds; 1-minute load average at each round's start: "
+        + ", ".join(f"{x:.2f}" for x in loads[:-1]) + f" (end {loads[-1]:.2f}). Streaming read bandwidth measured in "
+        f"this run (fp32 GEMV over 512 MB, {cpu_ext.threads()} threads): **{gbs:.1f} GB/s**.",
+        "",
+        "| system | precision | tokens/s | prompt (ms) | bytes/token | effective GB/s | bound at stream GB/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = speed_rows(args, systems, t, med, gbs, lines)
+    ratios = ratio_lines(args, med, lines)
+    phase_rows = phase_lines(t["phases"], lines)
+    record["decode"] = dict(rows=rows, loads=loads, stream_gbs=gbs, phases_ms=phase_rows, ratios=ratios)
 
 
 def section_context(args, lines: list[str], record: dict) -> None:

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels: the decode gather and the head GEMV against float64 references for every dtype, threads
-and prefetch settings, huge-page tensors, and the layer's wiring."""
+"""The compiled CPU kernels: the decode gather and the head GEMV against float64 references for every dtype, threads,
+parallel implementation and prefetch setting, huge-page tensors, and the layer's wiring."""
 
 import os
 import shutil
@@ -83,31 +83,75 @@ def test_disabled_by_environment(monkeypatch, caplog):
         cpu_ext.reset()
 
 
+@pytest.fixture
+def parallel_settings(ext):
+    """Restores the kernels' thread count, parallel implementation, prefetch distance and torch's threads."""
+    before = cpu_ext.threads(), cpu_ext.parallel(), torch.get_num_threads()
+    yield
+    ext.set_prefetch(8)
+    cpu_ext.parallel(before[1])
+    cpu_ext.threads(before[0])
+    torch.set_num_threads(before[2])
+
+
+def _variants():
+    """(implementation, threads, prefetch): both parallel implementations, one and two threads."""
+    return [(impl, th, pf) for impl in ("pool", "aten") for th, pf in ((1, 0), (1, 8), (2, 8), (2, 3))]
+
+
+def _use(ext, impl, threads, prefetch=8):
+    cpu_ext.parallel(impl)
+    torch.set_num_threads(threads)  # aten's threads
+    cpu_ext.threads(threads)  # the pool's
+    ext.set_prefetch(prefetch)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
 @pytest.mark.parametrize("tau", [8, 10])
-def test_threaded_prefetching_gather_matches_float64_reference(ext, dtype, tau):
+def test_threaded_prefetching_gather_matches_float64_reference(ext, parallel_settings, dtype, tau):
     # wide rows (h = 1000: several 64-column chunks per thread and a ragged tail) and K = 13 tables (not a multiple
-    # of the 4-row blocks), 1 and 2 threads, prefetch on and off: every variant sums the same rows
+    # of the 4-row blocks), both parallel implementations, 1 and 2 threads, prefetch on and off: every variant sums
+    # the same rows in the same order, so all agree bitwise and with the float64 reference
     torch.manual_seed(tau)
     layer = mf.MemoryLayer(13 * tau, 1000, tau=tau).eval()
     if dtype != "float32":
         layer.freeze(dtype)
     x = torch.randn(2, 13 * tau)
     want = _reference(x, layer.tables, layer.scale, layer.bias.detach(), tau, "code", 1.0)
-    before = cpu_ext.threads()
-    try:
-        for threads, prefetch in ((1, 0), (1, 8), (2, 8), (2, 3)):
-            cpu_ext.threads(threads)
-            ext.set_prefetch(prefetch)
-            got = ext.decode(x, layer.tables, layer.scale, layer.bias.detach(), tau, True, 1.0)
-            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    finally:
-        ext.set_prefetch(8)
-        cpu_ext.threads(before)
+    first = None
+    for impl, threads, prefetch in _variants():
+        _use(ext, impl, threads, prefetch)
+        assert cpu_ext.parallel() == impl and cpu_ext.threads() == min(threads, os.cpu_count() or 1)
+        got = ext.decode(x, layer.tables, layer.scale, layer.bias.detach(), tau, True, 1.0)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        first = got if first is None else first
+        assert torch.equal(got, first), (impl, threads, prefetch)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_engine_is_bitwise_the_same_with_either_parallel_implementation(ext, parallel_settings, dtype):
+    from memoryformer.inference import DecodeEngine, random_inference_model
+
+    model = random_inference_model(mf.get_config("micro"), tables=dtype, head=dtype, seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for impl, threads, _ in _variants()[::2]:
+        _use(ext, impl, threads)
+        eng = DecodeEngine(model, batch_size=2, max_seq_len=16)
+        lg = [eng.prefill(ids)]
+        for _ in range(3):
+            lg.append(eng.step(lg[-1].argmax(-1)))
+        outs.append(torch.stack(lg))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_parallel_rejects_an_unknown_implementation(ext, parallel_settings):
+    with pytest.raises(RuntimeError, match="expected 'pool' or 'aten'"):
+        cpu_ext.parallel("openmp")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
-def test_gemv_matches_float64_reference(ext, dtype):
+def test_gemv_matches_float64_reference(ext, parallel_settings, dtype):
     torch.manual_seed(0)
     V, d = 1037, 200  # not multiples of the 4-row blocks, 16-row chunks or 8/16-wide vectors
     w = torch.randn(V, d) * 0.05
@@ -120,11 +164,16 @@ def test_gemv_matches_float64_reference(ext, dtype):
     full = w.double() * (scale.double()[:, None] if scale is not None else 1)
     want = x.double() @ full.T
     for int16_x in (False, True):
-        got = ext.gemv(x, w, scale, int16_x)
-        assert got.shape == (3, V) and got.dtype == torch.float32
-        # int16 activations (int8 weights only) round x to 14 bits of its largest entry
-        tol = 2e-4 if int16_x and dtype == "int8" else 1e-5
-        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+        first = None
+        for impl, threads in (("pool", 1), ("pool", 2), ("aten", 1), ("aten", 2)):
+            _use(ext, impl, threads)
+            got = ext.gemv(x, w, scale, int16_x)
+            assert got.shape == (3, V) and got.dtype == torch.float32
+            # int16 activations (int8 weights only) round x to 14 bits of its largest entry
+            tol = 2e-4 if int16_x and dtype == "int8" else 1e-5
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+            first = got if first is None else first
+            assert torch.equal(got, first), (impl, threads)
 
 
 def test_huge_page_tensor_is_aligned_and_usable(ext):
@@ -135,9 +184,9 @@ def test_huge_page_tensor_is_aligned_and_usable(ext):
 
 
 def test_thread_pool_runs_every_chunk_once_for_its_own_job(ext):
-    # back-to-back jobs of n and 2n chunks: a worker finishing the smaller job once claimed a chunk of the next,
-    # larger one before it was published (the chunk ran with a freed job: a segfault, or a chunk counted twice:
-    # outputs still being written after the call returned). A child process, so that a crash is a failure here
+    # back-to-back jobs of n and 2n chunks: where a worker finishing the smaller job could claim a chunk of the next,
+    # larger one before it is published (the chunk runs with a freed job: a segfault, or a chunk counted twice:
+    # outputs still being written after the call returns). A child process, so that a crash is a failure here
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs 2 cores for a worker thread")
     code = ("from memoryformer.ops import cpu_ext; ext = cpu_ext.get(); cpu_ext.threads(2); "

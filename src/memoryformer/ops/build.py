@@ -115,11 +115,12 @@ class OwnerLock:
             self.fd = None
 
 
-def load(name: str, sources: list[str], cflags: list[str], include: list[str]):
+def load(name: str, sources: list[str], cflags: list[str], include: list[str], ldflags: list[str] = ()):
     """The built module `name` (compiling it first in a child process if needed), or BuildError."""
     from torch.utils.cpp_extension import load as torch_load
 
-    kw = dict(name=name, sources=sources, extra_cflags=cflags, extra_include_paths=include, verbose=False)
+    kw = dict(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=list(ldflags), extra_include_paths=include,
+              verbose=False)
     if not is_built(name):
         folder, limit = build_dir(name), timeout_s()
         with OwnerLock(folder, wait_s=limit) as lock:

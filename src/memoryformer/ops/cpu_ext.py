@@ -4,7 +4,7 @@ the whole-model decode engine (`memoryformer.inference.DecodeEngine`).
 At batch 1 a Memory Layer reads 1/tau of a dense layer's bytes, but as K scattered rows: the ATen path spends its
 time in ~15 small operations and the rows arrive one DRAM latency at a time. The kernel does the whole layer in one
 call, prefetches the rows it is about to read and splits the output columns over a small pool of persistent
-threads (`threads()`; no second OpenMP runtime beside torch's).
+threads (`threads()`), or over torch's intra-op threads with `parallel("aten")` (benchmarks/pool.py compares them).
 
 It is built with `torch.utils.cpp_extension` the first time it is needed (about a minute, once per machine and
 checkout: the build is cached under `~/.cache/torch_extensions`, keyed by the sources, the CPU's instruction set and
@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 from memoryformer.ops import build
@@ -26,8 +27,7 @@ log = logging.getLogger("memoryformer")
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "decode.cpp", CSRC / "engine.cpp")
-HEADERS = (CSRC / "kernels.h",)
-SOURCE = SOURCES[0]
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
 MAX_TOKENS = 2  # above this, fbgemm's embedding bag is as fast (benchmarks/results/kernels_summary.md)
 
 _state: dict = {}
@@ -63,9 +63,8 @@ def get():
     module = None
     if reason is None:
         try:
-            # -fopenmp-simd: vectorisation hints only, no second OpenMP runtime beside torch's
-            flags = ["-O3", "-fopenmp-simd"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
-            module = build.load(build_name(), [str(s) for s in SOURCES], flags, [str(CSRC)])
+            cflags, ldflags = _build_flags()
+            module = build.load(build_name(), [str(s) for s in SOURCES], cflags, [str(CSRC)], ldflags)
         except build.BuildError as e:
             reason = str(e)
         except Exception as e:  # noqa: BLE001 - any other failure to load means: use the ATen path
@@ -76,14 +75,40 @@ def get():
     return module
 
 
+def _build_flags() -> tuple[list[str], list[str]]:
+    """Compiler and linker flags. at::parallel_for is a template whose OpenMP pragma is compiled into the caller: with
+    torch built on OpenMP the extension needs -fopenmp for it to run in parallel at all. On Linux the extension then
+    needs libgomp.so.1, the soname of the libgomp torch ships and has already loaded, so the process keeps one OpenMP
+    runtime."""
+    import torch
+
+    cflags = ["-O3", "-fopenmp-simd"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+    if torch._C.has_openmp and sys.platform.startswith("linux"):
+        return cflags + ["-fopenmp"], ["-fopenmp"]
+    return cflags, []
+
+
 def threads(n: int | None = None) -> int:
-    """Threads the compiled kernels use (the caller plus persistent workers); set with `n`. Default: torch's."""
+    """Threads the compiled kernels use: with the "pool" implementation (the default) the caller plus persistent
+    workers, set with `n` (default: torch's count at the first use); with "aten", torch's intra-op threads
+    (`torch.set_num_threads`), which `n` leaves alone."""
     module = get()
     if module is None:
         return 1
     if n is not None:
         module.set_threads(int(n))
     return module.get_threads()
+
+
+def parallel(name: str | None = None) -> str:
+    """Which threads run the kernels' parallel loops: "pool" (their own) or "aten" (torch's intra-op pool, sized by
+    `torch.set_num_threads`); set with `name`."""
+    module = get()
+    if module is None:
+        return "none"
+    if name is not None:
+        module.set_parallel(name)
+    return module.get_parallel()
 
 
 def reset() -> None:

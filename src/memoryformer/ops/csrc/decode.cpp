@@ -1,33 +1,21 @@
 // Memory Layer inference for a few tokens on CPU (hash + weight + gather-sum in one call), the GEMV of the
-// quantised LM head, huge-page tensors, and the bindings of the decode engine (engine.cpp).
+// quantised LM head, huge-page tensors, the choice of parallel implementation, and the bindings of the decode
+// engine (engine.cpp).
 //
 // At batch 1 a layer reads K scattered rows of h entries: its cost is DRAM latency, not arithmetic, so the kernel
-// hashes all chunks first, then gathers with the next rows prefetched, the output columns split over the pool's
-// threads. Numbers match memoryformer.ops.chunk_hash + memory_lookup: bit j of a chunk is [z_j >= 0] with weight
-// 2^(tau-1-j); p = prod_j sigmoid(2|z_j| / t); "code" weighting multiplies p by ||z||_1; int8 tables fold their
-// per-row scale into the weight. Accumulation is fp32 for every table dtype.
+// hashes all chunks first, then gathers with the next rows prefetched, the output columns split over the threads
+// (parallel.h). Numbers match memoryformer.ops.chunk_hash + memory_lookup (Eq. 3-12): bit j of a chunk is
+// [z_j >= 0] with weight 2^(tau-1-j); p = prod_j sigmoid(2|z_j| / t); "code" weighting multiplies p by ||z||_1;
+// int8 tables fold their per-row scale into the weight. Accumulation is fp32 for every table dtype.
 #include <torch/extension.h>
 
+#include <string>
+
+#include "head.h"
 #include "kernels.h"
+#include "parallel.h"
 
 void register_engine(pybind11::module& m);  // engine.cpp
-
-namespace {
-
-constexpr int64_t kHeadChunk = 512;  // GEMV rows per claimed chunk
-
-template <typename F>
-void dispatch_rows(at::ScalarType t, const char* what, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kChar: f(int8_t{}); break;
-    default: TORCH_CHECK(false, what, " must be float32, bfloat16, float16 or int8");
-  }
-}
-
-}  // namespace
 
 // x (..., K*tau) floating; tables (K, R, h) fp32/bf16/fp16/int8; scale (K, R) fp32 or None; bias (h,) or None.
 // Returns (N, h) float32, N = x.numel() / (K*tau).
@@ -52,11 +40,11 @@ torch::Tensor decode(torch::Tensor x, torch::Tensor tables, c10::optional<torch:
   auto out = bias.has_value() ? bias->to(torch::kFloat).expand({n_tok, h}).clone(at::MemoryFormat::Contiguous)
                               : torch::zeros({n_tok, h}, xf.options());
   float* op = out.data_ptr<float>();
-  dispatch_rows(tc.scalar_type(), "decode: tables", [&](auto tag) {
+  mfk::dispatch_rows(tc.scalar_type(), "decode: tables", [&](auto tag) {
     using T = decltype(tag);
     const T* tab = reinterpret_cast<const T*>(tc.data_ptr());
     const int64_t nc = mfk::n_chunks(h, 64);
-    mfk::Pool::get().run(nc, [&](int64_t c) {
+    mfk::parallel_chunks(nc, [&](int64_t c) {
       auto [c0, c1] = mfk::split(h, static_cast<int>(c), static_cast<int>(nc), 64);
       for (int64_t n = 0; n < n_tok; ++n)
         mfk::gather_cols(tab, rows.data() + n * K, w.data() + n * K, K, h, c0, c1, op + n * h);
@@ -70,27 +58,12 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor W, c10::optional<torch::Tensor
   TORCH_CHECK(W.dim() == 2 && x.dim() == 2 && x.size(1) == W.size(1), "gemv: x (M, d) and W (V, d) expected");
   auto xf = x.to(torch::kFloat).contiguous();
   auto Wc = W.contiguous();
-  const int64_t M = xf.size(0), V = Wc.size(0), d = Wc.size(1);
   torch::Tensor sc;
   if (scale.has_value()) sc = scale->to(torch::kFloat).contiguous();
-  const float* sp = scale.has_value() ? sc.data_ptr<float>() : nullptr;
-  auto y = torch::empty({M, V}, xf.options());
-  const float* xp = xf.data_ptr<float>();
-  std::vector<int16_t> x16;
-  std::vector<float> sx(M);
-  if (Wc.scalar_type() == at::kChar && sp != nullptr && d <= mfk::kI16MaxD && int16_head) {
-    x16.resize(M * d);
-    for (int64_t m = 0; m < M; ++m) sx[m] = mfk::quantize_x16(xp + m * d, d, x16.data() + m * d);
-  }
-  dispatch_rows(Wc.scalar_type(), "gemv: W", [&](auto tag) {
-    using T = decltype(tag);
-    const T* wp = reinterpret_cast<const T*>(Wc.data_ptr());
-    const int64_t nc = (V + kHeadChunk - 1) / kHeadChunk;
-    mfk::Pool::get().run(nc, [&](int64_t c) {
-      const int64_t r0 = c * kHeadChunk, r1 = std::min(V, r0 + kHeadChunk);
-      mfk::head_rows(wp, sp, xp, x16.empty() ? nullptr : x16.data(), sx.data(), M, d, V, r0, r1, y.data_ptr<float>());
-    });
-  });
+  auto y = torch::empty({xf.size(0), Wc.size(0)}, xf.options());
+  mfk::HeadScratch scratch;
+  mfk::head_gemv(Wc, scale.has_value() ? sc.data_ptr<float>() : nullptr, xf.data_ptr<float>(), xf.size(0),
+                 y.data_ptr<float>(), int16_head, scratch);
   return y;
 }
 
@@ -127,8 +100,14 @@ int64_t pool_selftest(int64_t jobs, int64_t n, int64_t spin) {
 }
 
 void set_threads(int64_t n) { mfk::Pool::get().resize(static_cast<int>(n)); }
-int64_t get_threads() { return mfk::Pool::get().size(); }
-void set_spin_us(int64_t us) { mfk::Pool::get().set_spin_us(us); }
+int64_t get_threads() { return mfk::parallel_threads(); }
+
+// "pool" (the kernels' own, parallel.h) or "aten" (at::parallel_for, torch's intra-op threads).
+void set_parallel(const std::string& name) {
+  TORCH_CHECK(name == "pool" || name == "aten", "set_parallel: expected 'pool' or 'aten', got '", name, "'");
+  mfk::g_parallel.store(static_cast<int>(name == "aten" ? mfk::Parallel::kAten : mfk::Parallel::kPool));
+}
+std::string get_parallel() { return mfk::use_aten() ? "aten" : "pool"; }
 void set_prefetch(int64_t rows) { mfk::g_prefetch_rows.store(static_cast<int>(std::max<int64_t>(0, rows))); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -138,7 +117,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("huge_empty", &huge_empty, "uninitialised tensor on transparent huge pages");
   m.def("set_threads", &set_threads, "threads of the kernels' pool (including the caller)");
   m.def("get_threads", &get_threads);
-  m.def("set_spin_us", &set_spin_us, "how long idle pool workers spin before sleeping");
+  m.def("set_parallel", &set_parallel, "which threads run the kernels' parallel loops: 'pool' or 'aten'");
+  m.def("get_parallel", &get_parallel);
   m.def("set_prefetch", &set_prefetch, "rows a gather prefetches ahead (0: none)");
   m.def("pool_selftest", &pool_selftest, "back-to-back jobs through the thread pool; chunks not run exactly once",
         pybind11::arg("jobs"), pybind11::arg("n"), pybind11::arg("spin") = 0);

@@ -13,7 +13,7 @@
 // its tensors by `MemoryFormerBlock` state-dict name (`block_tensors`). Each entry is read by name, and one that
 // is never read is an error, so a field added on the Python side cannot be silently ignored here.
 //
-// Threads: the pool's workers split each gather's output columns, the attention's (row, head) pairs and the head's
+// Threads (parallel.h) split each gather's output columns, the attention's (row, head) pairs and the head's
 // vocabulary rows; hashes, norms and rotary (a few thousand floats) stay on the calling thread.
 #include <torch/extension.h>
 
@@ -21,11 +21,12 @@
 #include <set>
 #include <string>
 
+#include "attention.h"
+#include "head.h"
 #include "kernels.h"
+#include "parallel.h"
 
 namespace {
-
-constexpr int64_t kHeadChunk = 512;  // LM-head rows per claimed chunk
 
 struct MemW {
   at::Tensor tables, scale, bias;  // kept alive
@@ -103,17 +104,6 @@ MemW mem_w(Named& t, const std::string& prefix, int64_t tau, int64_t h_expected)
     m.b = m.bias.data_ptr<float>();
   }
   return m;
-}
-
-template <typename F>
-void dispatch(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kChar: f(int8_t{}); break;
-    default: TORCH_CHECK(false, "engine: weights must be float32, bfloat16, float16 or int8");
-  }
 }
 
 void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
@@ -213,12 +203,9 @@ class Engine {
   }
   at::Tensor kcache() const { return kc_; }
   void set_option(const std::string& name, int64_t v) {
-    if (name == "flip_head") flip_head_ = v != 0;
-    else if (name == "profile") {
-      profile_ = v != 0;
-      std::fill(prof_, prof_ + kPhases, 0.0);
-    }
-    else TORCH_CHECK(false, "engine: unknown option ", name);
+    TORCH_CHECK(name == "profile", "engine: unknown option ", name, " (expected: profile)");
+    profile_ = v != 0;
+    std::fill(prof_, prof_ + kPhases, 0.0);
   }
   at::Tensor vcache() const { return vc_; }
 
@@ -255,7 +242,7 @@ class Engine {
 
  private:
   void embed_row(int64_t id, float* out) {
-    dispatch(embed_.scalar_type(), [&](auto tag) {
+    mfk::dispatch_rows(embed_.scalar_type(), "engine: embedding", [&](auto tag) {
       using T = decltype(tag);
       const T* r = reinterpret_cast<const T*>(embed_.data_ptr()) + id * d_;
       const float s = embed_scale_.defined() ? embed_scale_.data_ptr<float>()[id] : 1.f;
@@ -270,11 +257,11 @@ class Engine {
       mfk::hash_chunks(x + b * m.K * m.tau, m.K, m.tau, msb_, code_w_, c_, m.sc, rows_.data() + b * m.K,
                        w_.data() + b * m.K, tmp_.data(), m.tab, m.h * static_cast<int64_t>(c10::elementSize(m.dt)));
     mark(kHash);
-    dispatch(m.dt, [&](auto tag) {
+    mfk::dispatch_rows(m.dt, "engine: tables", [&](auto tag) {
       using T = decltype(tag);
       const T* tab = reinterpret_cast<const T*>(m.tab);
       const int64_t nc = mfk::n_chunks(m.h, 64);
-      mfk::Pool::get().run(nc, [&](int64_t c) {
+      mfk::parallel_chunks(nc, [&](int64_t c) {
         auto [c0, c1] = mfk::split(m.h, static_cast<int>(c), static_cast<int>(nc), 64);
         for (int64_t b = 0; b < B_; ++b) {
           float* o = y + b * m.h;
@@ -326,7 +313,7 @@ class Engine {
         store(vc + at, base + 2 * hd_);
       }
     const int64_t pairs = B_ * nh_, n = pos_ + 1;
-    mfk::Pool::get().run(pairs, [&](int64_t p) {
+    mfk::parallel_chunks(pairs, [&](int64_t p) {
       const int64_t b = p / nh_, h = p % nh_;
       const int64_t off = (b * nh_ + h) * S_ * hd_;
       mfk::attend(qkv_.data() + b * 3 * d_ + h * 3 * hd_, kc + off, vc + off, n, hd_, scores_.data() + p * S_,
@@ -380,27 +367,8 @@ class Engine {
  private:
   at::Tensor head_logits(const float* x, int64_t M) {
     auto y = at::empty({M, V_}, at::TensorOptions().dtype(at::kFloat));
-    float* yp = y.data_ptr<float>();
     const float* sp = head_scale_.defined() ? head_scale_.data_ptr<float>() : nullptr;
-    const bool i16 = head_.scalar_type() == at::kChar && sp != nullptr && d_ <= mfk::kI16MaxD;
-    if (i16) {
-      x16_.resize(M * d_);
-      sx_.resize(M);
-      for (int64_t m = 0; m < M; ++m) sx_[m] = mfk::quantize_x16(x + m * d_, d_, x16_.data() + m * d_);
-    }
-    dispatch(head_.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      const T* wp = reinterpret_cast<const T*>(head_.data_ptr());
-      const int64_t nc = (V_ + kHeadChunk - 1) / kHeadChunk;
-      // Alternate the scan direction: what the last step read last is still in the L3 cache, so a head a little
-      // larger than the L3 is partly read from it instead of DRAM.
-      const bool rev = flip_head_ && (head_calls_++ & 1);
-      mfk::Pool::get().run(nc, [&](int64_t c) {
-        if (rev) c = nc - 1 - c;
-        const int64_t r0 = c * kHeadChunk, r1 = std::min(V_, r0 + kHeadChunk);
-        mfk::head_rows(wp, sp, x, i16 ? x16_.data() : nullptr, sx_.data(), M, d_, V_, r0, r1, yp);
-      });
-    });
+    mfk::head_gemv(head_, sp, x, M, y.data_ptr<float>(), true, head_scratch_, (head_calls_++ & 1) != 0);
     return y;
   }
 
@@ -412,11 +380,9 @@ class Engine {
   std::vector<BlockW> blocks_;
   std::vector<float> x_, xn_, qkv_, att_, hid_buf_, out_, w_, tmp_, scores_;
   std::vector<int64_t> rows_;
-  std::vector<int16_t> x16_;
-  std::vector<float> sx_;
+  mfk::HeadScratch head_scratch_;
   int64_t pos_ = 0;
   int64_t head_calls_ = 0;
-  bool flip_head_ = true;
   bool profile_ = false;
   double prof_[kPhases] = {};
   std::chrono::steady_clock::time_point t_;
