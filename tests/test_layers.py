@@ -210,14 +210,13 @@ def test_hash_projection_hashes_a_learned_linear_of_the_input():
     assert MemoryLayer(16, 6, tau=4).proj is None  # off by default, as in the paper
 
 
-def test_code_is_accepted_for_the_release_weighting(tmp_path):
-    layer = mf.MemoryLayer(16, 8, tau=4, weighting="code")
-    assert layer.weighting == "release"
-    cfg = mf.get_config("micro", weighting="code")
-    assert cfg.weighting == "release"
-    spelt = {**cfg.to_dict(), "weighting": "code"}  # a config.json that spells it "code"
-    (tmp_path / "config.json").write_text(__import__("json").dumps(spelt))
-    assert mf.ModelConfig.load(tmp_path / "config.json") == cfg
+def test_an_unknown_weighting_is_refused_naming_the_choices(tmp_path):
+    with pytest.raises(ValueError, match=r"weighting: expected one of \('release', 'paper'\), got 'code'"):
+        mf.MemoryLayer(16, 8, tau=4, weighting="code")
+    cfg = mf.get_config("micro")
+    (tmp_path / "config.json").write_text(__import__("json").dumps({**cfg.to_dict(), "weighting": "code"}))
+    with pytest.raises(mf.ConfigError, match="weighting"):
+        mf.ModelConfig.load(tmp_path / "config.json")
 
 
 def test_float64_input_to_a_float32_layer_is_refused_in_one_line():

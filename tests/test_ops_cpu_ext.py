@@ -35,7 +35,7 @@ def _reference(x, tables, scale, bias, tau, weighting, t):
 @pytest.mark.parametrize("tau", [4, 8, 10])
 def test_decode_matches_float64_reference(ext, dtype, tau):
     torch.manual_seed(tau)
-    for weighting, t, n, with_bias in (("code", 1.0, 1, True), ("paper", 0.7, 2, False), ("code", 0.5, 2, True)):
+    for weighting, t, n, with_bias in (("release", 1.0, 1, True), ("paper", 0.7, 2, False), ("release", 0.5, 2, True)):
         layer = mf.MemoryLayer(3 * tau, 40, tau=tau, weighting=weighting, temperature=t, bias=with_bias).eval()
         if dtype != "float32":
             layer.freeze(dtype)
@@ -43,7 +43,7 @@ def test_decode_matches_float64_reference(ext, dtype, tau):
         x[0, 0] = 0.0  # sign(0) = +1
         bias = None if layer.bias is None else layer.bias.detach()
         bias_before = None if bias is None else bias.clone()
-        got = ext.decode(x, layer.tables, layer.scale, bias, tau, weighting == "code", t)
+        got = ext.decode(x, layer.tables, layer.scale, bias, tau, weighting == "release", t)
         want = _reference(x, layer.tables, layer.scale, bias, tau, weighting, t)
         tol = 1e-5 if dtype in ("float32", "int8") else 1e-6  # tables are exact in every dtype; sums in fp32
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
@@ -117,7 +117,7 @@ def test_threaded_prefetching_gather_matches_float64_reference(ext, parallel_set
     if dtype != "float32":
         layer.freeze(dtype)
     x = torch.randn(2, 13 * tau)
-    want = _reference(x, layer.tables, layer.scale, layer.bias.detach(), tau, "code", 1.0)
+    want = _reference(x, layer.tables, layer.scale, layer.bias.detach(), tau, "release", 1.0)
     first = None
     for impl, threads, prefetch in _variants():
         _use(ext, impl, threads, prefetch)

@@ -26,8 +26,7 @@ class ConfigError(MemoryFormerError, ValueError):
 # -- constants, each defined once ------------------------------------------------------------------------------------
 ARCHS = ("memoryformer", "transformer")
 WEIGHTINGS = ("release", "paper")  # ||z||_1 p(z) as in the authors' released code; p(z) of Eq. 10
-DEFAULT_WEIGHTING = "paper"  # since 0.3.0 (benchmarks/results/weighting_evidence.md); "release" before
-WEIGHTING_ALIASES = {"code": "release"}  # the name used before 0.2 (config.json files written then)
+DEFAULT_WEIGHTING = "paper"  # it trained better at equal tokens (benchmarks/results/weighting_evidence.md)
 BIT_ORDERS = ("msb", "lsb")
 BLOCK_ACTIVATIONS = (None, "gelu")
 ATTENTIONS = ("softmax", "linformer", "cosformer", "performer")
@@ -49,10 +48,6 @@ TABLE_DTYPES = ("float32", "bfloat16")  # memory-table storage while training
 MEMORY_ONLY_FIELDS = ("tau", "expand_bits", "weighting", "temperature", "block_activation", "memory_bias", "bit_order",
                       "hash_projection", "backend")
 DENSE_ONLY_FIELDS = ("ffn_mult", "attention", "linformer_k", "performer_features")
-
-
-def canonical_weighting(name: str) -> str:
-    return WEIGHTING_ALIASES.get(name, name)
 
 
 class Fields:
@@ -190,8 +185,6 @@ class ModelConfig(_Serialisable):
                              ("max_seq_len", 1, None), ("tau", 1, 16), ("expand_bits", 0, 4), ("ffn_mult", 1, None),
                              ("linformer_k", 1, None), ("performer_features", 1, None)):
             f.integer(name, lo, hi, text=False)
-        if isinstance(self.weighting, str):
-            self.weighting = canonical_weighting(self.weighting)
         f.one_of("weighting", WEIGHTINGS)
         f.number("temperature", 0.0, open_lo=True)
         f.one_of("bit_order", BIT_ORDERS)

@@ -12,7 +12,6 @@ from memoryformer.config import (
     BIT_ORDERS,
     DEFAULT_WEIGHTING,
     WEIGHTINGS,
-    canonical_weighting,
 )
 from memoryformer.ops import (
     backend_names,
@@ -39,7 +38,7 @@ class MemoryLayer(nn.Module):
         bias: add a learned bias of shape (out_features,).
         weighting: "paper" (default): prod_j sigmoid(2|z_j|/t), Eq. 10 (lower validation PPL at equal tokens:
             benchmarks/results/weighting_evidence.md); "release": ||z||_1 * prod_j sigmoid(2|z_j|/t), as the
-            authors' released code ("code" is accepted as an alias).
+            authors' released code.
         temperature: t.
         bit_order: "msb" (default; Fig. 2 and the authors' code): chunk element j is bit tau-1-j of the row index;
             "lsb" (Eq. 4 as printed): element j is bit j. The two only permute each table's rows; pick the one a
@@ -83,7 +82,6 @@ class MemoryLayer(nn.Module):
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         if in_features % tau:
             raise ValueError(f"in_features={in_features} is not a multiple of tau={tau} (K = in_features / tau chunks)")
-        weighting = canonical_weighting(weighting) if isinstance(weighting, str) else weighting
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
@@ -111,7 +109,7 @@ class MemoryLayer(nn.Module):
         nn.init.normal_(self.tables, std=std)
         if self.bias is not None:
             nn.init.normal_(self.bias, std=bias_std)
-        if self.proj is not None:  # keeps the input's scale, which the "code" weighting ||z||_1 p(z) sees
+        if self.proj is not None:  # keeps the input's scale, which the "release" weighting ||z||_1 p(z) sees
             nn.init.normal_(self.proj.weight, std=self.in_features**-0.5)
             nn.init.zeros_(self.proj.bias)
 

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from memoryformer.config import DEFAULT_WEIGHTING, canonical_weighting
+from memoryformer.config import DEFAULT_WEIGHTING
 from memoryformer.ops.reference import chunk_hash, lookup_reference, row_scales
 
 HashFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (x, tau, *, weighting, temperature) -> (codes, weights)
@@ -165,7 +165,7 @@ def memory_hash(x, tables, *, tau: int, weighting: str = DEFAULT_WEIGHTING, temp
                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and weights of x's chunks (`reference.chunk_hash`) as the backend that runs for `tables` computes them."""
     b = resolve_backend(backend, tables)
-    return b.hash_fn(x, tau, weighting=canonical_weighting(weighting), temperature=temperature)
+    return b.hash_fn(x, tau, weighting=weighting, temperature=temperature)
 
 
 def pack_tables(tables, *, backend: str = "auto") -> torch.Tensor | None:
@@ -180,7 +180,6 @@ def memory_layer(x, tables, bias=None, *, tau: int, weighting: str = DEFAULT_WEI
     """`memory_lookup(*memory_hash(x, tables, tau, ...), tables, bias)`; a backend may fuse both steps (Triton: one
     kernel computes the hash inside the gather; CPU: fewer calls for inference, which decides batch-1 latency).
     packed: `pack_tables(tables)` of frozen tables, or None (then computed per call where a backend needs it)."""
-    weighting = canonical_weighting(weighting)
     b = resolve_backend(backend, tables)
     with_grad = b.layer_grad and not (sparse_grad and b.sparse_grad)  # layer_fn gives no sparse table gradients
     if b.layer_fn is not None and (with_grad or not (_needs_grad(x, tables, bias) or torch.compiler.is_compiling())):

@@ -17,7 +17,7 @@ import itertools
 
 import torch
 
-from memoryformer.config import DEFAULT_WEIGHTING, WEIGHTINGS, canonical_weighting
+from memoryformer.config import DEFAULT_WEIGHTING, WEIGHTINGS
 
 
 def sign(v: torch.Tensor) -> torch.Tensor:
@@ -97,7 +97,6 @@ def chunk_weights(z: torch.Tensor, weighting: str = DEFAULT_WEIGHTING, temperatu
     "paper": p(z) of Eq. 10. "release": sim(z, h(z)) * p(z) (Eq. 8 times Eq. 10), what the authors' released code
     computes.
     """
-    weighting = canonical_weighting(weighting)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
     w = p(z, temperature)
