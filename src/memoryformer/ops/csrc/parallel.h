@@ -43,11 +43,12 @@ inline void cpu_relax() {
 // closed epoch it could, between the caller's `n_ = n` and its publishing store, and run a chunk of a job that
 // was gone (a crash) or count a chunk twice (the caller returning while a worker still wrote its output).
 //
-// Kept over at::parallel_for because it decodes faster: on 2 shared cores at a 1-minute load of 3.7-7, int8
-// MF-micro / MF-tiny / MF-small 1220 / 199 / 103 tokens/s against 402 / 71 / 30 (3.0x / 2.8x / 3.4x; the
-// rounds' ranges do not overlap for tiny and small; benchmarks/results/pool_amd-epyc-2-threads_2026-12-04.md). A
-// static split waits at each parallel loop's barrier for a thread that is descheduled; here the caller claims that
-// thread's chunks itself.
+// Kept over at::parallel_for because it decodes faster (benchmarks/pool.py, 2 threads on 2 shared cores, medians
+// of 9 interleaved rounds, int8 MF-micro / MF-tiny / MF-small): 1220 / 199 / 103 tokens/s against 402 / 71 / 30
+// at a 1-minute load of 3.7-7 (3.0x / 2.8x / 3.4x), 1433 / 192 / 119 against 228 / 19 / 27 at 2.5-5.6; for tiny
+// and small no round of at::parallel_for reached the slowest of the pool's in either run
+// (benchmarks/results/pool_amd-epyc-2-threads_2026-12-04*.md). A static split waits at each parallel loop's
+// barrier for a thread that is descheduled; here the caller claims that thread's chunks itself.
 class Pool {
  public:
   static Pool& get() {
