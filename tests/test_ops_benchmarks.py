@@ -123,6 +123,14 @@ def test_decode_script(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler")
+def test_pool_script(capsys):
+    rows = _load("pool").main(["--configs", "micro", "--rounds", "1", "--new", "3", "--prompt", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "pool / aten" in out and "mf-micro-int8" in out and rows
+
+
+@pytest.mark.slow
 def test_soak_script(tmp_path, capsys):
     res = _load("soak").main(["--steps", "24", "--ckpt-every", "6", "--keep", "2", "--sample-every", "2",
                               "--out", str(tmp_path)])
