@@ -175,17 +175,16 @@ def report(args, rows: list[dict], feet: list[dict], info: dict) -> list[str]:
                 f"{r['rows_bytes'] / mib:.2f} MiB | {r['eval_s']:.1f} s |" for r in rows]
         out.append("")
     if feet:
-        gib = 2**30
-        out += ["Memory Layer table bytes of the presets (from the configs' shapes; int8: + a fp32 scale per row, "
-                "int4: two values per byte + a fp16 scale per group), and the head + embedding:", "",
+        out += ["Memory Layer table MiB of the presets (from the configs' shapes; int8: + a fp32 scale per row, "
+                "int4: two values per byte + a fp16 scale per group), and the head + embedding's:", "",
                 "| preset | table params | fp32 | bf16 | int8 | int4 G=32 | int4 G=64 | int4 G=128 | int4 row | "
                 "head+emb fp32 | int8 | int4 G=64 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for f in feet:
-            cells = [f[k] / gib for k in ("tables_float32", "tables_bfloat16", "tables_int8", "tables_int4-g32",
+            cells = [f[k] / mib for k in ("tables_float32", "tables_bfloat16", "tables_int8", "tables_int4-g32",
                                           "tables_int4-g64", "tables_int4-g128", "tables_int4-row", "rows_float32",
                                           "rows_int8", "rows_int4-g64")]
             out.append(f"| {f['preset']} | {f['table_params'] / 1e6:.1f} M | "
-                       + " | ".join(f"{c:.3f} GiB" for c in cells) + " |")
+                       + " | ".join(f"{c:,.1f}" for c in cells) + " |")
     return out
 
 

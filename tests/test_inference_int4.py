@@ -214,3 +214,12 @@ def test_cli_export_and_generate_with_int4_tables(tmp_path, capsys):
     a = capsys.readouterr().out
     cli_main(["generate", "--checkpoint", str(tmp_path / "q"), *args])
     assert a == capsys.readouterr().out and a.startswith("Hello")
+
+
+def test_every_command_with_tables_takes_int4():
+    from memoryformer.cli import build_parser
+
+    p = build_parser()
+    for argv in (["generate", "--checkpoint", "c", "--prompt", "x"], ["export", "--checkpoint", "c", "--out", "o"],
+                 ["eval", "--checkpoint", "c"], ["serve", "--checkpoint", "c"]):
+        assert p.parse_args([*argv, "--tables", "int4"]).tables == "int4"
