@@ -54,7 +54,7 @@ def test_quantized_embedding_and_state_dict_keys():
     b = inf.QuantizedEmbedding.from_float(emb, "bfloat16")
     assert set(b.state_dict()) == {"weight"} and rel_err(b(idx), emb(idx)) < 0.005
     with pytest.raises(ValueError, match="dtype"):
-        inf.QuantizedEmbedding.from_float(emb, "int4")
+        inf.QuantizedEmbedding.from_float(emb, "int2")
 
 
 @needs_ext
@@ -173,7 +173,7 @@ def test_freeze_freezes_tables_head_and_embedding():
     with pytest.raises(ValueError, match="head"):
         mf.freeze(build(), "int8", head="float16")
     with pytest.raises(ValueError, match="tables"):
-        mf.freeze(build(), "int4")
+        mf.freeze(build(), "int2")
 
 
 def test_load_with_tables_checks_the_files(tmp_path):
@@ -187,7 +187,7 @@ def test_load_with_tables_checks_the_files(tmp_path):
     with pytest.raises(mf.MemoryFormerError, match="shape"):
         mf.load(bad, tables="int8", verify=False)
     with pytest.raises(mf.MemoryFormerError, match="tables"):
-        mf.load(ck, tables="int4")
+        mf.load(ck, tables="int2")
 
 
 def test_int8_files_keep_their_keys_and_an_older_layout_is_one_clear_line(tmp_path):
@@ -219,7 +219,7 @@ def test_load_for_inference_errors(tmp_path):
     model = build()
     mf.save_model(model, tmp_path / "ck")
     with pytest.raises(ValueError, match="tables: expected one of"):
-        inf.load_for_inference(tmp_path / "ck", tables="int4")
+        inf.load_for_inference(tmp_path / "ck", tables="int2")
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     cfg["n_layer"] = 3
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))

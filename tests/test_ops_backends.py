@@ -242,7 +242,7 @@ def test_unknown_backend_rejected():
     with pytest.raises(ValueError, match="backend"):
         MemoryLayer(16, 8, tau=4, backend="fast")
     with pytest.raises(ValueError, match="dtype"):
-        MemoryLayer(16, 8, tau=4).freeze("int4")
+        MemoryLayer(16, 8, tau=4).freeze("int2")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "auto"])

@@ -252,7 +252,7 @@ API_CASES = [
     ("layer-hash-float-codes", lambda: _layer()(torch.randn(2, 16), hash=(torch.zeros(2, 4), torch.ones(2, 4))),
      TypeError, "hash: expected int64/int32 codes"),
     ("ffn-activation", lambda: mf.MemoryFFN(16, 4, activation="relu"), ValueError, "activation: expected None"),
-    ("freeze-dtype", lambda: _layer().freeze("int4"), ValueError, "dtype: expected one of"),
+    ("freeze-dtype", lambda: _layer().freeze("int2"), ValueError, "dtype: expected one of"),
     ("model-token-too-big", lambda: _tiny()(torch.tensor([[1, 50304]])), ValueError,
      "idx: token id 50304 is outside the vocabulary [0, 50304)"),
     ("model-token-neg", lambda: _tiny()(torch.tensor([[-1, 2]])), ValueError, "idx: token id -1 is outside"),

@@ -33,9 +33,10 @@ ATTENTIONS = ("softmax", "linformer", "cosformer", "performer")
 BACKENDS = ("auto", "reference", "embedding_bag", "cpu", "triton")
 # The one dtype vocabulary of the API and the command line. Each name is a torch attribute (getattr(torch, name));
 # `memoryformer.ops.quant.torch_dtype` is the one place that resolves it.
-DTYPES = ("float32", "bfloat16", "float16", "int8")
+# "int4" names packed four-bit rows (two per byte, one float16 scale per group of values: `memoryformer.ops.int4`).
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 INFERENCE_DTYPES = DTYPES  # frozen tables (`freeze`, --tables); int8: one float32 scale per row
-ROW_DTYPES = ("float32", "bfloat16", "int8")  # the LM head and the token embedding when frozen
+ROW_DTYPES = ("float32", "bfloat16", "int8", "int4")  # the LM head and the token embedding when frozen
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"  # a checkpoint folder's model files
 TABLES_KEY = "memoryformer.inference_tables"  # safetensors metadata: "<table dtype>/<activation dtype>"
 HEAD_KEY = "memoryformer.inference_head"  # "<head dtype>/<embedding dtype>" when head and embedding are quantised

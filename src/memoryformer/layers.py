@@ -21,6 +21,7 @@ from memoryformer.ops import (
     pack_tables,
     resolve_backend,
 )
+from memoryformer.ops.int4 import INT4_GROUP, check_group, group_count, int4_name, is_int4
 from memoryformer.ops.quant import to_storage, torch_dtype
 from memoryformer.ops.reference import lsb_first
 
@@ -55,7 +56,9 @@ class MemoryLayer(nn.Module):
     Parameters: `tables` (K, 2**tau, out_features), `bias` (out_features,) or None, `proj` (with hash_projection).
     After `freeze("int8")` the tables are frozen int8 and a `scale` (K, 2**tau) buffer holds one scale
     per row; `activation_dtype` then holds the dtype the outputs keep (None while the tables train). Frozen int8
-    tables are also kept in the layout the backend's kernel reads (`packed_tables`, made on first use).
+    tables are also kept in the layout the backend's kernel reads (`packed_tables`, made on first use). After
+    `freeze("int4")` the tables are (K, 2**tau, out_features / 2) uint8, two values per byte, and `scale`
+    (K, 2**tau, groups) float16 holds one scale per `group_size` values of a row (`memoryformer.ops.int4`).
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class MemoryLayer(nn.Module):
         self.tables = nn.Parameter(torch.empty(self.n_tables, 2**tau, out_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("scale", None)  # (K, 2**tau) float32 row scales of int8 inference tables
+        self.group_size: int | None = None  # int4 tables: values per scale (0: the whole row)
         self.packed_tables: torch.Tensor | None = None  # see `_packed`; an attribute, not a buffer: never saved,
         self._packed_of: tuple | None = None  # moved or broadcast; (tables, version, device) it was made from
         self.activation_dtype: torch.dtype | None = None  # set by freeze: the outputs keep this dtype
@@ -187,25 +191,43 @@ class MemoryLayer(nn.Module):
         return resolve_backend(self.backend, self.tables).name
 
     @torch.no_grad()
-    def freeze(self, dtype: str | torch.dtype = "int8") -> MemoryLayer:
-        """Freeze the tables for inference as "float32", "bfloat16", "float16" or "int8" (one scale per row).
+    def freeze(self, dtype: str | torch.dtype = "int8", group_size: int | None = INT4_GROUP) -> MemoryLayer:
+        """Freeze the tables for inference as "float32", "bfloat16", "float16", "int8" (one scale per row) or
+        "int4" (one float16 scale per `group_size` values of a row; None: per row).
 
         Outputs keep the dtype the layer produced before (the tables' old dtype), so the rest of the model is
         unchanged. The tables no longer train; state_dict then holds `tables` in the new dtype (and `scale`).
         """
         dt = torch_dtype(dtype)
         act = self.activation_dtype or self.tables.dtype
-        return self.set_frozen(*to_storage(self.tables.detach(), self.scale, dt), activation_dtype=act)
+        stored = to_storage(self.tables.detach(), self.scale, dt, group_size)
+        return self.set_frozen(*stored, activation_dtype=act, group_size=group_size if dt == torch.int4 else None)
 
-    def set_frozen(self, tables: torch.Tensor, scale: torch.Tensor | None, activation_dtype: torch.dtype) -> MemoryLayer:
-        """Install frozen tables (K, 2**tau, h) as they are, with their row `scale` (K, 2**tau) float32 when int8;
+    def set_frozen(self, tables: torch.Tensor, scale: torch.Tensor | None, activation_dtype: torch.dtype,
+                   group_size: int | None = INT4_GROUP) -> MemoryLayer:
+        """Install frozen tables (K, 2**tau, h) as they are, with their row `scale` (K, 2**tau) float32 when int8,
+        or int4 tables (K, 2**tau, h / 2) uint8 with their `scale` (K, 2**tau, groups) of `group_size` values;
         outputs are cast to `activation_dtype`. What `freeze` and the streaming loader both end with."""
-        if tables.dtype == torch.int8 and scale is None:
-            raise ValueError("tables: int8 tables need their row scale")
+        quantized = tables.dtype in (torch.int8, torch.uint8)
+        if quantized and scale is None:
+            raise ValueError(f"tables: {'int4' if is_int4(tables) else 'int8'} tables need their scale")
+        if is_int4(tables):
+            g = check_group(group_size)
+            want = (*tables.shape[:-1], group_count(self.out_features, g))
+            if 2 * tables.shape[-1] != self.out_features or tuple(scale.shape) != want:
+                raise ValueError(f"tables: int4 tables {tuple(tables.shape)} with scale {tuple(scale.shape)} do not "
+                                 f"hold rows of {self.out_features} values in groups of {g or 'a whole row'}")
+            self.group_size = g
+        else:
+            self.group_size = None
         self.tables = nn.Parameter(tables, requires_grad=False)
-        self.scale = scale if tables.dtype == torch.int8 else None
+        self.scale = scale if quantized else None
         self.activation_dtype = activation_dtype
         return self
+
+    def tables_name(self) -> str:
+        """The frozen tables' dtype as the safetensors tag names it: "int8", "bfloat16", ..., "int4-g64"."""
+        return int4_name(self.group_size) if is_int4(self.tables) else str(self.tables.dtype).removeprefix("torch.")
 
     def extra_repr(self) -> str:
         return (
@@ -215,7 +237,7 @@ class MemoryLayer(nn.Module):
             + (", sparse_grad=True" if self.sparse_grad else "")
             + (f", bit_order={self.bit_order!r}" if self.bit_order != "msb" else "")
             + (", hash_projection=True" if self.proj is not None else "")
-            + (f", tables={str(self.tables.dtype).removeprefix('torch.')}" if self.activation_dtype is not None else "")
+            + (f", tables={self.tables_name()}" if self.activation_dtype is not None else "")
         )
 
 

@@ -86,11 +86,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     `verify` (default) checks the files against `manifest.json` and every tensor for NaN/inf; `config.json` is
     always cross-checked against the tensors' shapes.
 
-    `tables` ("int8", "bfloat16", "float16", "float32") loads for inference: the model is built tensor by tensor in
-    that precision (never the fp32 model in memory; `memoryformer.inference.load_for_inference`), with the LM head
-    and token embedding in `head` (default: int8 with int8 tables, bfloat16 with bfloat16, else float32), the
-    tables on huge pages. A folder holding a frozen model (`memoryformer.freeze` + `save_model`) is always loaded
-    that way, as it is. On the CPU, `generate` then decodes through the compiled engine.
+    `tables` ("int8", "int4", "bfloat16", "float16", "float32") loads for inference: the model is built tensor by
+    tensor in that precision (never the fp32 model in memory; `memoryformer.inference.load_for_inference`), with the
+    LM head and token embedding in `head` (default: int8 with int8 or int4 tables, bfloat16 with bfloat16, else
+    float32), the tables on huge pages. A folder holding a frozen model (`memoryformer.freeze` + `save_model`) is
+    always loaded that way, as it is. On the CPU, `generate` then decodes through the compiled engine (int4 rows:
+    the eager model).
     """
     from memoryformer.inference import default_head, load_for_inference
 

@@ -26,8 +26,9 @@ def add_eval(p) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--tables", choices=INFERENCE_DTYPES, help="evaluate the model frozen for inference: memory tables "
-                   "in this dtype (int8: one scale per row), the LM head and embedding int8 / bfloat16 with int8 / "
-                   "bfloat16 tables, as memoryformer.load(..., tables=) loads it; default: as stored")
+                   "in this dtype (int8: one scale per row; int4: one per 64 values), the LM head and embedding int8 "
+                   "with int8 / int4 tables, bfloat16 with bfloat16, as memoryformer.load(..., tables=) loads it; "
+                   "default: as stored")
     p.add_argument("--harness", choices=("memoryformer", "lm-eval"), default="memoryformer",
                    help="score with our scorer (default) or through lm-evaluation-harness (extra [eval])")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

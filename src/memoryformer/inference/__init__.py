@@ -10,8 +10,8 @@
     out = engine.generate(prompt_ids, 128)       # greedy: (B, T + 128)
 
 - `freeze` (`mf.freeze`): tables, head and embedding frozen in place, one function for every freeze (`freeze.py`).
-- `QuantizedLinear` / `QuantizedEmbedding`: the head and embedding as int8 rows + `scale`, or bfloat16
-  (`quantized.py`).
+- `QuantizedLinear` / `QuantizedEmbedding`: the head and embedding as int8 rows + `scale`, int4 rows (two values
+  per byte) + group-wise `scale`, or bfloat16 (`quantized.py`).
 - `DecodeEngine`, `engine_for`: the whole decode step in one C++ call over a static cache; `generate()` decodes
   through `engine_for(model)` when the model is frozen and `DecodeEngine.supports(model)` (`engine.py`).
 - `load_for_inference`, `random_inference_model`: build the inference model tensor by tensor from a `save_model`

@@ -17,7 +17,9 @@ import torch.nn as nn
 
 from memoryformer.config import MemoryFormerError, ModelConfig
 from memoryformer.inference.quantized import QuantizedEmbedding, QuantizedLinear
+from memoryformer.layers import MemoryLayer
 from memoryformer.ops import cpu_ext
+from memoryformer.ops.int4 import is_int4
 from memoryformer.resources import check_fits
 
 # ModelConfig fields (of those `fields_that_apply()` keeps for a MemoryFormer) that reach the engine other than
@@ -64,7 +66,8 @@ class DecodeEngine:
 
     Args:
         model: a `memoryformer.MemoryFormer` on CPU: fp32 / bf16 / fp16 / int8 tables, an fp32, bf16 or int8 head
-            and embedding (`memoryformer.freeze`); no hash projection. For decode speed put its tables on huge
+            and embedding (`memoryformer.freeze`); no hash projection, no int4 rows (`why_not` says so, and
+            `generate` and the server then decode eagerly). For decode speed put its tables on huge
             pages first (`tables_to_huge_pages`; the loader and `freeze` do).
         batch_size: rows decoded together (each its own hash and cache; all at the same position).
         max_seq_len: cache length (default: the model's). Positions must stay below it.
@@ -128,6 +131,10 @@ class DecodeEngine:
                 return f"unsupported {type(m).__name__} as embedding or head"
         if isinstance(model.head, nn.Linear) and model.head.bias is not None:
             return "a head with a bias is not supported"
+        if any(isinstance(m, MemoryLayer) and is_int4(m.tables) for m in model.modules()):
+            return "int4 tables: the compiled engine reads int8/bf16/fp16/fp32 rows"
+        if any(is_int4(getattr(m, "weight", None)) for m in (model.embed, model.head)):
+            return "an int4 head or embedding: the compiled engine reads int8/bf16/fp32 rows"
         return None
 
     @classmethod

@@ -17,17 +17,19 @@ import torch
 import torch.nn as nn
 
 from memoryformer.config import CONFIG_FILE as CONFIG
-from memoryformer.config import DTYPES, ROW_DTYPES, TABLES_KEY, MemoryFormerError, ModelConfig
+from memoryformer.config import DTYPES, HEAD_KEY, ROW_DTYPES, TABLES_KEY, MemoryFormerError, ModelConfig
 from memoryformer.config import WEIGHTS_FILE as WEIGHTS
-from memoryformer.inference.freeze import parse_tables_tag
+from memoryformer.inference.freeze import parse_dtype_tag, parse_tables_tag
 from memoryformer.inference.huge_pages import huge_empty, mark_huge
 from memoryformer.inference.quantized import QuantizedEmbedding, QuantizedLinear, plain_rows
 from memoryformer.integrity import check_finite
 from memoryformer.layers import MemoryLayer
+from memoryformer.ops.int4 import INT4_GROUP, group_count
 from memoryformer.ops.quant import quantize_rows_into, to_storage, torch_dtype
 
 CHUNK_BYTES = 16 << 20  # converted per read: the fp32 rows in flight at once
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8,
+                       "U8": torch.uint8}  # U8: packed int4 rows
 
 
 class _FileSource:
@@ -64,7 +66,7 @@ class _FileSource:
         self.shape(name)
         code = self.info[name][1]
         if code not in _SAFETENSORS_DTYPES:
-            raise MemoryFormerError(f"{self.path}: tensor {name!r} has dtype {code}; expected F32, BF16, F16 or I8")
+            raise MemoryFormerError(f"{self.path}: tensor {name!r} has dtype {code}; expected F32, BF16, F16, I8 or U8")
         return _SAFETENSORS_DTYPES[code]
 
     def read(self, name: str, a: int, b: int) -> torch.Tensor:
@@ -119,21 +121,24 @@ def _where(src) -> str:
     return str(getattr(src, "path", "source"))
 
 
-def _convert(src, name: str, scale_name: str, dtype: torch.dtype, huge: bool):
-    """Tensor `name` of `src` in `dtype` (int8: + one fp32 scale per row), converted CHUNK_BYTES at a time."""
+def _convert(src, name: str, scale_name: str, dtype: torch.dtype, huge: bool, group: int | None = None):
+    """Tensor `name` of `src` in `dtype` (int8: + one fp32 scale per row; int4: + fp16 scales of `group` values),
+    converted CHUNK_BYTES at a time."""
+    if dtype == torch.int4:
+        return _convert_int4(src, name, scale_name, group, huge)
     shape = src.shape(name)
+    if src.dtype(name) == torch.uint8:  # int4 rows: two values per byte
+        shape = (*shape[:-1], 2 * shape[-1])
     if not shape:
         return src.read(name, 0, 1).to(dtype), None
     out = huge_empty(shape, dtype) if huge else torch.empty(shape, dtype=dtype)
     scale = torch.empty(shape[:-1]) if dtype == torch.int8 else None
     step = max(1, CHUNK_BYTES // (4 * max(1, math.prod(shape[1:]))))
-    stored_int8 = src.dtype(name) == torch.int8
-    if stored_int8 and not src.has(scale_name):
-        raise MemoryFormerError(f"{_where(src)}: int8 tensor {name!r} has no {scale_name!r}")
+    stored_int8 = _quantized(src, name, scale_name)
     for a in range(0, shape[0], step):
         b = min(shape[0], a + step)
         x = src.read(name, a, b)
-        s = src.read(scale_name, a, b).float() if stored_int8 else None
+        s = src.read(scale_name, a, b) if stored_int8 else None
         check_finite({name: x} if s is None else {name: x, scale_name: s}, _where(src))
         if dtype == torch.int8 and not stored_int8:
             quantize_rows_into(x.float(), out[a:b], scale[a:b])
@@ -145,33 +150,84 @@ def _convert(src, name: str, scale_name: str, dtype: torch.dtype, huge: bool):
     return out, scale
 
 
+def _quantized(src, name: str, scale_name: str) -> bool:
+    """Is `name` stored as int8 / int4 rows (whose scales `scale_name` must then be there)?"""
+    if src.dtype(name) not in (torch.int8, torch.uint8):
+        return False
+    if not src.has(scale_name):
+        raise MemoryFormerError(f"{_where(src)}: {'int4' if src.dtype(name) == torch.uint8 else 'int8'} tensor "
+                                f"{name!r} has no {scale_name!r}")
+    return True
+
+
+def _convert_int4(src, name: str, scale_name: str, group: int | None, huge: bool):
+    """Tensor `name` of `src` as int4 rows (packed uint8, fp16 scales of `group` values), CHUNK_BYTES at a time."""
+    shape = src.shape(name)
+    stored = _quantized(src, name, scale_name)
+    h = 2 * shape[-1] if src.dtype(name) == torch.uint8 else shape[-1]
+    if h % 2:
+        raise MemoryFormerError(f"{_where(src)}: {name!r} has rows of {h} values; int4 needs an even width")
+    packed = (*shape[:-1], h // 2)
+    out = huge_empty(packed, torch.uint8) if huge else torch.empty(packed, dtype=torch.uint8)
+    scale = torch.empty(*shape[:-1], group_count(h, group), dtype=torch.float16)
+    step = max(1, CHUNK_BYTES // (4 * h * max(1, math.prod(shape[1:-1]))))
+    for a in range(0, shape[0], step):
+        b = min(shape[0], a + step)
+        x = src.read(name, a, b)
+        s = src.read(scale_name, a, b) if stored else None
+        check_finite({name: x} if s is None else {name: x, scale_name: s}, _where(src))
+        out[a:b], scale[a:b] = to_storage(x, s, torch.int4, group)
+    return out, scale
+
+
 def _check_shapes(model: nn.Module, src) -> None:
     for name, t in model.state_dict(keep_vars=True).items():
-        if src.has(name) and tuple(src.shape(name)) != tuple(t.shape):
+        if not src.has(name):
+            continue
+        want = tuple(t.shape)
+        if src.dtype(name) == torch.uint8 and want:  # int4: two values per byte
+            want = (*want[:-1], want[-1] // 2)
+        if tuple(src.shape(name)) != want:
             raise MemoryFormerError(f"{_where(src)}: tensor {name!r} has shape {tuple(src.shape(name))}, the "
-                                    f"{CONFIG} beside it implies {tuple(t.shape)}")
+                                    f"{CONFIG} beside it implies {want}")
 
 
-def _rows_module(model: nn.Module, prefix: str, src, dtype: torch.dtype | None) -> nn.Module:
-    """The head or embedding `prefix` of `model` read from `src` in `dtype` (None: as stored)."""
+def _target(src, name: str, dtype: torch.dtype | None, group: int | None, stored_group: int | None):
+    """(dtype, int4 group size) tensor `name` is loaded in: `dtype` with `group`, or None: as stored (uint8 rows
+    are int4 with the group size of the file's tag)."""
+    if dtype is not None:
+        return dtype, group
+    if src.dtype(name) != torch.uint8:
+        return src.dtype(name), None
+    if stored_group is None:
+        raise MemoryFormerError(f"{_where(src)}: {name!r} holds int4 rows but the file's metadata gives no "
+                                "int4 group size")
+    return torch.int4, stored_group
+
+
+def _rows_module(model: nn.Module, prefix: str, src, dtype: torch.dtype | None, group=None, stored=None) -> nn.Module:
+    """The head or embedding `prefix` of `model` read from `src` in `dtype` (None: as stored; int4 rows in groups
+    of `group` values, as stored in groups of `stored`)."""
     like = getattr(model, prefix)
     name = _join(prefix, "weight")
-    dt = dtype or src.dtype(name)
-    w, scale = _convert(src, name, _join(prefix, "scale"), dt, False)
+    dt, g = _target(src, name, dtype, group, stored)
+    w, scale = _convert(src, name, _join(prefix, "scale"), dt, False, g)
     if dt == torch.float32 or dt == torch.float16:
         return plain_rows(like, w.float())
     linear = isinstance(like, nn.Linear)
     cls = QuantizedLinear if linear else QuantizedEmbedding
     shape = (like.in_features, like.out_features) if linear else (like.num_embeddings, like.embedding_dim)
-    new = cls(*shape, dtype=dt, device="meta")
+    new = cls(*shape, dtype=dt, device="meta", group_size=g)
     new.load_weight(w, scale)
     return new
 
 
 @torch.no_grad()
-def _materialize(cfg: ModelConfig, src, tables, head, embed, huge_pages: bool, act=torch.float32) -> nn.Module:
+def _materialize(cfg: ModelConfig, src, tables, head, embed, huge_pages: bool, act=torch.float32,
+                 group: int | None = INT4_GROUP, stored: tuple = (None, None, None)) -> nn.Module:
     """Build `cfg`'s model on the meta device, then give each tensor real storage from `src` in its target dtype
-    (None: as stored). Memory Layer tables land on huge pages when `huge_pages`."""
+    (None: as stored; int4 in groups of `group` values, or as stored in groups of `stored` = (tables, head,
+    embedding)). Memory Layer tables land on huge pages when `huge_pages`."""
     from memoryformer.model import build_model
 
     with torch.device("meta"):
@@ -180,18 +236,19 @@ def _materialize(cfg: ModelConfig, src, tables, head, embed, huge_pages: bool, a
     for prefix, m in list(model.named_modules()):
         if isinstance(m, MemoryLayer):
             name = _join(prefix, "tables")
-            q, scale = _convert(src, name, _join(prefix, "scale"), tables or src.dtype(name), huge_pages)
-            m.set_frozen(q, scale, act)
+            dt, g = _target(src, name, tables, group, stored[0])
+            q, scale = _convert(src, name, _join(prefix, "scale"), dt, huge_pages, g)
+            m.set_frozen(q, scale, act, g)
             if huge_pages:
                 mark_huge(m.tables)
-    model.head = _rows_module(model, "head", src, head)
-    model.embed = _rows_module(model, "embed", src, embed)
+    model.head = _rows_module(model, "head", src, head, group, stored[1])
+    model.embed = _rows_module(model, "embed", src, embed, group, stored[2])
     rest = {}
     for name, t in model.state_dict(keep_vars=True).items():
         if not t.is_meta:
             continue
-        if src.dtype(name) == torch.int8:
-            raise MemoryFormerError(f"{_where(src)}: {name!r} is int8; expected a float tensor")
+        if src.dtype(name) in (torch.int8, torch.uint8):
+            raise MemoryFormerError(f"{_where(src)}: {name!r} is {src.info[name][1]}; expected a float tensor")
         rest[name] = src.read(name, 0, src.shape(name)[0] if src.shape(name) else 1).float()
         check_finite({name: rest[name]}, _where(src))
     model.load_state_dict(rest, strict=False, assign=True)
@@ -218,16 +275,25 @@ def _dtypes(tables, head, embed) -> tuple:
             None if embed is None else torch_dtype(embed, "embed", ROW_DTYPES))
 
 
+def _stored_groups(meta: dict, file) -> tuple:
+    """The int4 group sizes (None where not int4) of the tables, head and embedding, from the file's tags."""
+    tag, head = meta.get(TABLES_KEY), meta.get(HEAD_KEY, "")
+    tables = parse_dtype_tag(parse_tables_tag(tag, file)[0])[1] if tag else None
+    parts = head.split("/") if head else []
+    return (tables, *(parse_dtype_tag(p)[1] for p in parts[:2]), None, None)[:3]
+
+
 def load_for_inference(path, tables: str | None = "int8", head: str | None = "int8", embed: str | None = None,
-                       device: str = "cpu", huge_pages: bool = True) -> nn.Module:
+                       device: str = "cpu", huge_pages: bool = True, group_size: int | None = INT4_GROUP) -> nn.Module:
     """An inference model from a `memoryformer.save_model` directory, built tensor by tensor.
 
-    tables: "int8" (one scale per row), "bfloat16", "float16", "float32", or None (as stored). head: the LM head,
-    "int8" (one scale per output row), "bfloat16", "float32", or None (as stored). embed: the token embedding, the
-    same choices (default: as `head`). Tensors already frozen in the file (`memoryformer.freeze` + `save_model`)
-    are read as they are when the dtype matches, else converted. Each tensor is converted in chunks of
-    CHUNK_BYTES, so the peak memory is the inference model plus one chunk. `device`: where the model ends up
-    (built on the CPU; the tables on huge pages there when `huge_pages`).
+    tables: "int8" (one scale per row), "int4" (one fp16 scale per `group_size` values), "bfloat16", "float16",
+    "float32", or None (as stored). head: the LM head, "int8" (one scale per output row), "int4", "bfloat16",
+    "float32", or None (as stored). embed: the token embedding, the same choices (default: as `head`). Tensors
+    already frozen in the file (`memoryformer.freeze` + `save_model`) are read as they are when the dtype (and the
+    int4 group size) matches, else converted. Each tensor is converted in chunks of CHUNK_BYTES, so the peak memory
+    is the inference model plus one chunk. `device`: where the model ends up (built on the CPU; the tables on huge
+    pages there when `huge_pages`).
     """
     path = Path(path)
     cfg = _read_config(path)
@@ -235,7 +301,8 @@ def load_for_inference(path, tables: str | None = "int8", head: str | None = "in
     tag = src.meta.get(TABLES_KEY)
     act = parse_tables_tag(tag, path / WEIGHTS)[1] if tag else torch.float32
     dts = _dtypes(tables, head, embed if embed is not None else head)
-    model = _materialize(cfg, src, *dts, huge_pages=huge_pages and str(device) == "cpu", act=act)
+    model = _materialize(cfg, src, *dts, huge_pages=huge_pages and str(device) == "cpu", act=act, group=group_size,
+                         stored=_stored_groups(src.meta, path / WEIGHTS))
     return model if device == "cpu" else model.to(device)
 
 

@@ -7,7 +7,7 @@
 - backends, each registering itself on import with its own hash: `cpu` (fbgemm embedding bag + a compiled decode
   kernel), `triton` (`triton_backend` registers, `triton_kernels` holds the kernels and imports triton on first
   use); `library` turns a kernel pair into `torch.library` ops;
-- `quant`: int8 inference tables with one scale per row.
+- `quant`: int8 inference tables with one scale per row; `int4`: int4 rows with one fp16 scale per group.
 To add a backend: write `fn(codes (..., K), weights (..., K), tables (K, R, h)) -> (..., h)` (ideally a
 `torch.library` op via `library.define_lookup_op`), call `register_backend(name, fn, accepts=..., priority=...)` at
 the bottom of its module (optionally `hash_fn=`, `layer_fn=`, `pack=`, `sparse_grad=`), and import the module below.

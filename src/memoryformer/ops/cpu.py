@@ -239,7 +239,9 @@ lookup = flat_call(lookup_op)
 
 
 def accepts(tables: torch.Tensor) -> bool:
-    return tables.device.type == "cpu" and (tables.is_floating_point() or tables.dtype == torch.int8)
+    """Float and int8 tables; int4 (uint8) ones too, whose lookup `dispatch` runs (`int4.int4_lookup`) with this
+    backend's hash."""
+    return tables.device.type == "cpu" and (tables.is_floating_point() or tables.dtype in (torch.int8, torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ Each backend has its own hash (`hash_fn`, default: `reference.chunk_hash`): the 
 same weights up to rounding. Everything a kernel varies by comes in as an argument: `sparse_grad` (table gradients
 as sparse COO tensors of the rows hit, where the backend offers them; dense elsewhere) and `packed` (frozen int8
 tables in the layout the backend's kernel reads, made once by `pack_tables`).
+
+Frozen int4 tables (packed uint8 with group-wise scales, `ops.int4`) are a storage format, not a kernel: the lookup
+of every backend gathers their packed rows and dequantises them (`int4.int4_lookup`); the backend gives the hash.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from memoryformer.config import DEFAULT_WEIGHTING
+from memoryformer.ops.int4 import int4_lookup, is_int4
 from memoryformer.ops.reference import chunk_hash, lookup_reference, row_scales
 
 HashFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (x, tau, *, weighting, temperature) -> (codes, weights)
@@ -146,7 +150,8 @@ def memory_lookup(codes, weights, tables, bias=None, *, backend: str = "auto", s
     """Eq. 11: y = sum_k weights[..., k] * tables[k, codes[..., k]] (+ bias).
 
     codes (..., K) integer in [0, R); weights (..., K) floating; tables (K, R, h), floating or int8 with `scale`
-    (K, R) (one fp32 dequantisation scale per row, see `ops.quant`); bias (h,) or None.
+    (K, R) (one fp32 dequantisation scale per row, see `ops.quant`), or int4 (K, R, h / 2) uint8 with `scale`
+    (K, R, groups) (`ops.int4`); bias (h,) or None.
     sparse_grad: the tables' gradient as a sparse COO tensor of the rows hit (backends with `sparse_grad`, "cpu";
     the others give the dense gradient; `memoryformer.optim.RowwiseAdam` reads either).
     Returns (..., h) in `reference.result_dtype(weights, tables)`.
@@ -155,6 +160,11 @@ def memory_lookup(codes, weights, tables, bias=None, *, backend: str = "auto", s
 
 
 def _lookup(b: Backend, codes, weights, tables, bias, scale, sparse_grad: bool) -> torch.Tensor:
+    if is_int4(tables):
+        if scale is None:
+            raise ValueError("tables: int4 tables need their group scales (scale=)")
+        y = int4_lookup(codes, weights, tables, scale)
+        return y if bias is None else y + bias
     if scale is not None:
         weights = weights * row_scales(scale, codes)
     y = b.fn(codes, weights, tables, sparse_grad=True) if sparse_grad and b.sparse_grad else b.fn(codes, weights, tables)
@@ -182,7 +192,7 @@ def memory_layer(x, tables, bias=None, *, tau: int, weighting: str = DEFAULT_WEI
     packed: `pack_tables(tables)` of frozen tables, or None (then computed per call where a backend needs it)."""
     b = resolve_backend(backend, tables)
     with_grad = b.layer_grad and not (sparse_grad and b.sparse_grad)  # layer_fn gives no sparse table gradients
-    if b.layer_fn is not None and (with_grad or not (_needs_grad(x, tables, bias) or torch.compiler.is_compiling())):
+    if b.layer_fn is not None and not is_int4(tables) and (with_grad or not (_needs_grad(x, tables, bias) or torch.compiler.is_compiling())):
         kw = {} if packed is None else {"packed": packed}
         return b.layer_fn(x, tables, bias, tau=tau, weighting=weighting, temperature=temperature, scale=scale, **kw)
     codes, weights = b.hash_fn(x, tau, weighting=weighting, temperature=temperature)

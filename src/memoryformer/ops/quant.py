@@ -1,4 +1,5 @@
-"""Frozen weights: the dtype vocabulary, and int8 with one scale per row (symmetric), dequantised on read.
+"""Frozen weights: the dtype vocabulary, int8 with one scale per row (symmetric), and int4 rows with one scale
+per group (`memoryformer.ops.int4`), dequantised on read.
 
 One storage convention for every frozen row-major weight (Memory Layer tables, LM head, token embedding): the
 module keeps the int8 tensor under its usual name (`tables`, `weight`) and its row scales in a float32 buffer
@@ -6,6 +7,9 @@ module keeps the int8 tensor under its usual name (`tables`, `weight`) and its r
 W[r] ~= scale[r] * q[r]. Because a Memory Layer lookup multiplies each fetched row by a per-token weight anyway, the
 scale folds into that weight (`memory_lookup(..., scale=scale)`), so kernels read int8 rows and never a dequantised
 table.
+
+"int4" (`torch.int4`, a name only: the storage is uint8 with two values per byte) keeps the same convention with
+group-wise scales: `tables` / `weight` packed, `scale` (..., ceil(h / G)) float16 (`memoryformer.ops.int4`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from memoryformer.config import DTYPES
+from memoryformer.ops.int4 import INT4_GROUP, dequantize_int4, group_count, is_int4, quantize_int4
 
 
 def torch_dtype(name: str | torch.dtype, what: str = "dtype", allowed: tuple[str, ...] = DTYPES) -> torch.dtype:
@@ -25,8 +30,8 @@ def torch_dtype(name: str | torch.dtype, what: str = "dtype", allowed: tuple[str
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> "bfloat16": the vocabulary's name of a torch dtype."""
-    return str(dtype).removeprefix("torch.")
+    """torch.bfloat16 -> "bfloat16": the vocabulary's name of a torch dtype (uint8, packed int4 storage: "int4")."""
+    return "int4" if dtype == torch.uint8 else str(dtype).removeprefix("torch.")
 
 
 def quantize_rows(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,16 +58,21 @@ def quantize_rows_into(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor)
 
 
 @torch.no_grad()
-def to_storage(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
-    """(stored rows, scale or None) of weight `w` (float rows, or int8 rows with their `scale`) frozen as `dtype`:
-    int8 rows are kept as they are when `dtype` is int8, else dequantised first; float rows are quantised
-    (`quantize_rows`) or cast. The one conversion behind every freeze (`memoryformer.freeze`, the loader)."""
-    if w.dtype == torch.int8:
+def to_storage(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, group: int | None = INT4_GROUP):
+    """(stored rows, scale or None) of weight `w` (float rows, or int8 / int4 rows with their `scale`) frozen as
+    `dtype`: quantised rows are kept as they are when `dtype` is theirs (int4: with `group`'s count of groups),
+    else dequantised first; float rows are quantised (`quantize_rows`, `quantize_int4` with `group`) or cast. The
+    one conversion behind every freeze (`memoryformer.freeze`, the loader)."""
+    if w.dtype in (torch.int8, torch.uint8):
         if scale is None:
-            raise ValueError("weight: int8 rows need their scale")
-        if dtype == torch.int8:
+            raise ValueError(f"weight: {dtype_name(w.dtype)} rows need their scale")
+        if w.dtype == torch.int8 and dtype == torch.int8:
             return w, scale.float()
-        w = dequantize_rows(w, scale)
+        if is_int4(w) and dtype == torch.int4 and scale.shape[-1] == group_count(2 * w.shape[-1], group):
+            return w, scale
+        w = dequantize_int4(w, scale) if is_int4(w) else dequantize_rows(w, scale)
     if dtype == torch.int8:
         return quantize_rows(w)
+    if dtype == torch.int4:
+        return quantize_int4(w, group)
     return w.detach().to(dtype), None
