@@ -81,7 +81,9 @@ def test_the_real_kernels_pass(result):
 
 
 def test_a_wrong_kernel_falls_back_to_embedding_bag_with_one_warning(result):
-    assert result["wrong"] and result["wrong"].startswith("lookup output off by"), result["wrong"]
+    # every lookup entry is 10 % off: whichever the max picks among equal errors, the verdict names the lookup
+    assert result["wrong"] and result["wrong"].startswith("lookup ") and " off by 0.1 " in result["wrong"], \
+        result["wrong"]
     assert result["verdict"] == result["wrong"] and result["verdict_bf16"] is None  # keyed by (device, dtype)
     assert result["layer_is_embedding_bag"] and result["layer_matched_before"] and result["grads_flow"]
     assert result["lines_after_wrong"] == 1

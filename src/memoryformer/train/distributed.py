@@ -6,12 +6,14 @@ wraps it in DDP, or shards it with FSDP2 (each Memory Layer its own unit, then e
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from dataclasses import dataclass
 
 import torch
 
-from memoryformer.config import ConfigError
+from memoryformer.config import ConfigError, MemoryFormerError
 
 
 @dataclass
@@ -63,12 +65,25 @@ def teardown(rt: Runtime) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _peers(rt: Runtime):
+    """A collective that fails because another rank is gone (it stopped on an error, which it reported, or was
+    killed) ends this rank with one line instead of a traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "closed" not in str(e).lower() and "reset" not in str(e).lower() and "broken pipe" not in str(e).lower():
+            raise
+        raise MemoryFormerError(f"rank {rt.rank}: another rank stopped (see its message); stopping too") from None
+
+
 def all_reduce(x: torch.Tensor, rt: Runtime, op: str = "sum") -> torch.Tensor:
     if rt.world == 1:
         return x
     import torch.distributed as dist
 
-    dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    with _peers(rt):
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return x
 
 
@@ -76,7 +91,8 @@ def barrier(rt: Runtime) -> None:
     if rt.world > 1:
         import torch.distributed as dist
 
-        dist.barrier()
+        with _peers(rt):
+            dist.barrier()
 
 
 def apply_fsdp(model: torch.nn.Module) -> torch.nn.Module:
