@@ -43,12 +43,13 @@ inline void cpu_relax() {
 // closed epoch it could, between the caller's `n_ = n` and its publishing store, and run a chunk of a job that
 // was gone (a crash) or count a chunk twice (the caller returning while a worker still wrote its output).
 //
-// Kept over at::parallel_for because it decodes faster (benchmarks/pool.py, 2 threads on 2 shared cores, medians
-// of 9 interleaved rounds, int8 MF-micro / MF-tiny / MF-small): 1220 / 199 / 103 tokens/s against 402 / 71 / 30
-// at a 1-minute load of 3.7-7 (3.0x / 2.8x / 3.4x), 1433 / 192 / 119 against 228 / 19 / 27 at 2.5-5.6; for tiny
-// and small no round of at::parallel_for reached the slowest of the pool's in either run
-// (benchmarks/results/pool_amd-epyc-2-threads_2026-12-04*.md). A static split waits at each parallel loop's
-// barrier for a thread that is descheduled; here the caller claims that thread's chunks itself.
+// Kept as the default over at::parallel_for (benchmarks/pool.py, 2 threads on 2 cores, medians of 9 interleaved
+// rounds, int8 MF-micro / MF-tiny / MF-small): on an idle machine (load 0.55-0.97) the two are level, 4406 / 1245 /
+// 359 tokens/s against 4827 / 1228 / 383 (0.91x / 1.01x / 0.94x); while other processes compete for the cores it is
+// 3-10x faster, 1220 / 199 / 103 against 402 / 71 / 30 at a load of 3.7-7 and 1433 / 192 / 119 against 228 / 19 / 27
+// at 2.5-5.6 (benchmarks/results/pool_amd-epyc-2-threads_2026-12-04*.md). A static split waits at each parallel
+// loop's barrier for a thread that is descheduled; here the caller claims that thread's chunks itself. A server
+// (HTTP and scheduler threads beside the kernels) is the loaded case. cpu_ext.parallel("aten") switches.
 class Pool {
  public:
   static Pool& get() {
