@@ -75,3 +75,14 @@ def add_verify(p: argparse.ArgumentParser) -> None:
 
 
 # -- train -------------------------------------------------------------------------------------------------------
+
+
+TABLES_HELP = ("int8: one fp32 scale per row; int4: two values per byte, one fp16 scale per 64; int8 / bfloat16 also "
+               "quantise the LM head and embedding, int4 tables come with an int8 head and embedding")
+
+
+def add_tables(p: argparse.ArgumentParser, what: str) -> None:
+    """`--tables DTYPE`, the one flag for a model frozen for inference; `what` says what the command does with it."""
+    from memoryformer.config import INFERENCE_DTYPES
+
+    p.add_argument("--tables", choices=INFERENCE_DTYPES, help=f"{what} ({TABLES_HELP}); default: as stored")

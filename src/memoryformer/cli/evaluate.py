@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from memoryformer.cli.args import add_verify, image_file, number, positive
-from memoryformer.config import INFERENCE_DTYPES, TABLE_DTYPES, TABLE_OPTIMS, ConfigError, MemoryFormerError
+from memoryformer.cli.args import add_tables, add_verify, image_file, number, positive
+from memoryformer.config import TABLE_DTYPES, TABLE_OPTIMS, ConfigError, MemoryFormerError
 
 
 def add_eval(p) -> None:
@@ -25,10 +25,7 @@ def add_eval(p) -> None:
     p.add_argument("--seq-len", type=int, metavar="N", help="perplexity window (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--tables", choices=INFERENCE_DTYPES, help="evaluate the model frozen for inference: memory tables "
-                   "in this dtype (int8: one scale per row; int4: one per 64 values), the LM head and embedding int8 "
-                   "with int8 / int4 tables, bfloat16 with bfloat16, as memoryformer.load(..., tables=) loads it; "
-                   "default: as stored")
+    add_tables(p, "evaluate the model frozen for inference, as memoryformer.load(..., tables=) loads it")
     p.add_argument("--harness", choices=("memoryformer", "lm-eval"), default="memoryformer",
                    help="score with our scorer (default) or through lm-evaluation-harness (extra [eval])")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

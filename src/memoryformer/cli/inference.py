@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memoryformer.cli.args import add_verify
+from memoryformer.cli.args import add_tables, add_verify
 from memoryformer.config import (
-    INFERENCE_DTYPES,
     ConfigError,
     MemoryFormerError,
 )
@@ -22,10 +21,8 @@ def add_generate(p) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--tables", choices=INFERENCE_DTYPES, help="load for inference with the memory tables in this "
-                   "dtype (int8 / bfloat16 also quantise the LM head and embedding, int4 tables come with an int8 "
-                   "head and embedding): on the CPU the compiled decode engine then runs every step (int4: the eager "
-                   "model); default: as stored")
+    add_tables(p, "load for inference with the memory tables in this dtype; on the CPU the compiled decode engine "
+               "then runs every step (int4: the eager model)")
     add_verify(p)
 
 
@@ -80,10 +77,8 @@ def _print_as_generated(prompt: str, tokens) -> str:
 def add_export(p) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or new)")
-    p.add_argument("--tables", choices=INFERENCE_DTYPES, help="freeze the memory tables to this dtype (int8: one "
-                   "fp32 scale per row; int4: two values per byte, one fp16 scale per 64; int8 / bfloat16 also "
-                   "quantise the LM head and embedding, int4 makes them int8), converted tensor by tensor; "
-                   "memoryformer.load reads it as it is")
+    add_tables(p, "freeze the memory tables to this dtype, converted tensor by tensor; memoryformer.load reads the "
+               "copy as it is")
     p.add_argument("--hf", action="store_true", help="save_pretrained folder + tokenizer for transformers (extra [hf])")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     add_verify(p)

@@ -7,18 +7,16 @@ import logging
 import os
 from pathlib import Path
 
-from memoryformer.cli.args import add_verify, duration, positive
-from memoryformer.config import INFERENCE_DTYPES, ConfigError, MemoryFormerError
+from memoryformer.cli.args import add_tables, add_verify, duration, positive
+from memoryformer.config import ConfigError, MemoryFormerError
 
 API_KEY_ENV = "MEMORYFORMER_API_KEY"
 
 
 def add_serve(p) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or run folder")
-    p.add_argument("--tables", choices=INFERENCE_DTYPES, help="load for inference with the memory tables in this "
-                   "dtype (int8 / bfloat16 also quantise the LM head and embedding, int4 tables come with an int8 "
-                   "head and embedding): every slot then decodes through the compiled engine (int4: the eager model); "
-                   "default: as stored")
+    add_tables(p, "load for inference with the memory tables in this dtype; every slot then decodes through the "
+               "compiled engine (int4: the eager model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="slots: requests decoded at once (default 16)")
