@@ -86,3 +86,14 @@ def test_ctrl_c_stops_generation_with_one_line(tmp_path):
     assert proc.returncode == 130
     lines = err.decode().strip().splitlines()
     assert "Traceback" not in err.decode() and lines[-1].startswith("memoryformer: interrupted after ")
+
+
+def test_printed_pieces_add_up_to_the_text_across_split_characters(capsys):
+    from memoryformer.cli.inference import _print_as_generated
+    from memoryformer.data import decode, encode
+
+    text = " naïve 世界 🎉 Ωmega — done"
+    ids = encode(text)
+    assert any(decode([i]).endswith("\ufffd") for i in ids)  # 🎉 and Ω span several tokens
+    got = _print_as_generated("P:", iter(torch.tensor([[i]]) for i in ids))
+    assert got == text and capsys.readouterr().out == "P:" + text + "\n"

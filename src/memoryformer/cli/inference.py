@@ -55,23 +55,23 @@ def _print_as_generated(prompt: str, tokens) -> str:
 
     from memoryformer.data import EOT_ID, decode
 
-    out, shown = [], ""
+    out, pending = [], []  # pending: tokens whose bytes do not yet end on a whole character
     print(prompt, end="", flush=True)
     try:
         for t in tokens:
             if int(t[0, 0]) == EOT_ID:
                 break
             out.append(int(t[0, 0]))
-            text = decode(out)
-            if not text.endswith("\ufffd"):
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+            pending.append(out[-1])
+            piece = decode(pending)  # byte-level tokens: the pieces concatenate to decode(out)
+            if not piece.endswith("\ufffd"):
+                print(piece, end="", flush=True)
+                pending = []
     except KeyboardInterrupt:
         print(f"\nmemoryformer: interrupted after {len(out)} tokens", file=sys.stderr)
         sys.exit(130)
-    text = decode(out)
-    print(text[len(shown):], flush=True)
-    return text
+    print(decode(pending), flush=True)
+    return decode(out)
 
 
 def add_export(p) -> None:

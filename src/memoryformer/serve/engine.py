@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from memoryformer.inference import DecodeEngine
+from memoryformer.inference import DecodeEngine, frozen
 from memoryformer.model import KVCache
 
 
@@ -174,17 +174,12 @@ class EagerSlots(_PerSlot):
         return self.model.head(hidden[:, -1]).float().cpu()
 
 
-def frozen_tables(model: nn.Module) -> bool:
-    """Are the model's Memory Layer tables frozen for inference (`mf.load(path, tables=...)`, `to_inference`)?"""
-    return any(getattr(m, "activation_dtype", None) is not None for m in model.modules())
-
-
 def slot_engine_for(model: nn.Module, max_batch: int = 16, *, engine: bool | None = None,
                     max_seq_len: int | None = None) -> SlotEngine:
     """The slot engine for `model`: `EngineSlots` when the model is frozen for inference and the compiled engine
     runs it (engine=None), or always (True; an error if it cannot), else `EagerSlots` (or engine=False)."""
     model.eval()
-    usable = frozen_tables(model) and DecodeEngine.supports(model)
+    usable = frozen(model) and DecodeEngine.supports(model)  # the choice generate() makes
     if engine and not DecodeEngine.supports(model):
         why = DecodeEngine.why_not(model) or "the compiled CPU kernels are unavailable"
         raise ValueError(f"engine: the decode engine cannot run this model ({why})")
