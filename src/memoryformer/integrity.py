@@ -10,7 +10,7 @@
   `open_nofollow` opens with O_NOFOLLOW, so a run folder unpacked from elsewhere cannot point a write at any other
   file; `check_apart` refuses an output that is, holds or lies inside one of the command's inputs.
 - `read_jsonl`: an append-only log whose last line was torn by a crash or a full disk reads up to that line (the
-  torn line is dropped with a warning, and the file repaired atomically on request).
+  torn line is dropped with a warning; a resumed run rewrites the file without it, atomically).
 - `RunLock`: an advisory `fcntl.flock` on `FOLDER/.lock`, so a second writer of a run folder fails with one line.
 - `remove_stale_temps`: the temporary files and folders an interrupted writer left (`.ckpt-12.tmp-<pid>`, ...),
   removed once the lock says no other writer can be filling them.
@@ -161,13 +161,12 @@ def check_apart(out: str | os.PathLike, inputs: dict, what: str = "out") -> None
             raise MemoryFormerError(f"{what}: {out} {rel} the input {flag} {path}; write the output somewhere else")
 
 
-def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON-lines log. A torn last line (a crash or a full disk during an append) is dropped with
-    a warning, and with `repair` the file is rewritten without it, atomically; a bad line elsewhere is one error
-    naming the file and the line."""
+    a warning; a bad line elsewhere is one error naming the file and the line."""
     path = Path(path)
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    records, kept = [], []
+    records = []
     for n, ln in enumerate(lines, 1):
         if not ln.strip():
             continue
@@ -180,12 +179,8 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
                 raise MemoryFormerError(f"{path}:{n}: not a JSON object ({ln[:60]!r}); the log is damaged") from None
             log.warning("memoryformer: %s: dropped a torn last line (%d bytes) left by an interrupted write", path,
                         len(ln))
-            if repair:
-                text = "".join(k + "\n" for k in kept)
-                replace_file(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
             break
         records.append(rec)
-        kept.append(ln)
     return records
 
 
