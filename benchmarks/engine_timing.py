@@ -11,6 +11,7 @@ import torch
 
 import memoryformer as mf
 from memoryformer import inference as inf
+from memoryformer.ops import cpu_ext
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 ELEM = {"fp32": 4, "bf16": 2, "int8": 1}
@@ -57,8 +58,9 @@ def run_engine(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     logits = eng.prefill(prompt)
     t1 = time.perf_counter()
-    for _ in range(new):
-        logits = eng.step(logits.argmax(-1))
+    with cpu_ext.torch_serial():  # as generate(): torch's argmax beside the kernels' pool on one thread
+        for _ in range(new):
+            logits = eng.step(logits.argmax(-1))
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -67,8 +69,9 @@ def profile_engine(model, prompt: torch.Tensor, new: int) -> dict[str, float]:
     eng = inf.DecodeEngine(model, max_seq_len=prompt.shape[1] + new + 1)
     logits = eng.prefill(prompt)
     eng.profile(True)
-    for _ in range(new):
-        logits = eng.step(logits.argmax(-1))
+    with cpu_ext.torch_serial():
+        for _ in range(new):
+            logits = eng.step(logits.argmax(-1))
     t = eng.timings()
     eng.profile(False)
     return {k: 1e3 * t.get(k, 0.0) / new for k in PHASES}

@@ -125,6 +125,47 @@ def test_engine_greedy_generation_equals_eager(tables):
 
 
 @needs_ext
+@pytest.mark.parametrize("head", ["int8", "bfloat16", "float32"])
+@pytest.mark.parametrize("d_model", [64, 48])  # 48: the int16 kernels' column tails (AVX-512 takes 32 at a time)
+def test_engine_head_rows_do_not_depend_on_the_rows_beside_them(head, d_model):
+    # the head of M rows reads each group of W rows once for all of them: every row's logits are bit for bit the
+    # one-row kernel's, for any M (the kernels' passes of 1, 2 and 4 rows, and their tails) and a vocabulary that
+    # is no multiple of the 4-row groups; and they are the float64 product within the head's rounding
+    model = mf.freeze(build(d_model=d_model, n_head=4, vocab_size=301), tables="int8", head=head)
+    eng = inf.DecodeEngine(model, batch_size=1)
+    hidden = torch.randn(9, d_model, generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([eng.head(hidden[i:i + 1]) for i in range(9)])
+    for M in range(1, 10):
+        assert torch.equal(eng.head(hidden[:M]), rows[:M]), M
+    W = model.head.weight.double() * (model.head.scale.double()[:, None] if head == "int8" else 1)
+    torch.testing.assert_close(rows.double(), hidden.double() @ W.T, atol=2e-3 * W.abs().max().item(), rtol=1e-3)
+
+
+@needs_ext
+def test_engine_rows_at_their_own_positions():
+    # feed(): rows at different positions in one call (a decode step beside a prompt), each equal to that row
+    # decoded alone; positions and the errors of a misuse
+    model = build()
+    eng, alone = inf.DecodeEngine(model, batch_size=3, kv_dtype=torch.float32), inf.DecodeEngine(model, batch_size=1)
+    a, b = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10]])
+    first = eng.feed(torch.tensor([0, 0, 0, 0, 2, 2]), torch.cat([a[0], b[0]]), torch.tensor([0, 0, 0, 1, 0, 1]))
+    assert eng.positions == [4, 0, 2] and first.shape == (2, 300)
+    assert torch.equal(first[0], alone.prefill(a)[0]) and torch.equal(first[1], alone.prefill(b)[0])
+    alone.prefill(a)
+    nxt = eng.feed(torch.tensor([0, 1]), torch.tensor([11, 12]), torch.tensor([1, 1]))
+    assert torch.equal(nxt[0], alone.step(torch.tensor([11]))[0])
+    assert torch.equal(nxt[1], inf.DecodeEngine(model).prefill(torch.tensor([[12]]))[0])
+    with pytest.raises(ValueError, match="pos: the rows are at different positions"):
+        eng.pos
+    with pytest.raises(ValueError, match="rows: expected rows in 0..2"):
+        eng.feed(torch.tensor([3]), torch.tensor([1]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="max_seq_len: row 0 would hold 41 positions"):
+        eng.feed(torch.zeros(36, dtype=torch.long), torch.ones(36, dtype=torch.long), torch.ones(36))
+    eng.set_position(0, 0)
+    assert eng.positions == [0, 1, 2]
+
+
+@needs_ext
 def test_engine_refuses_what_it_cannot_run():
     model = build()
     eng = inf.DecodeEngine(model, max_seq_len=6)

@@ -13,7 +13,7 @@ import torch
 import memoryformer as mf
 from memoryformer.generate import generate
 from memoryformer.inference import DecodeEngine
-from memoryformer.serve import EagerSlots, EngineSlots, QueueFull, SamplingParams, Scheduler, ShuttingDown
+from memoryformer.serve import BatchedSlots, EagerSlots, QueueFull, SamplingParams, Scheduler, ShuttingDown
 from memoryformer.serve.engine import slot_engine_for
 from memoryformer.serve.metrics import Histogram
 
@@ -74,19 +74,49 @@ def test_eager_slots_rows_equal_each_request_alone(arch):
 
 
 @needs_ext
-def test_engine_slots_rows_equal_alone_and_the_eager_reference(frozen):
-    engine = slot_engine_for(frozen, 3)
-    assert isinstance(engine, EngineSlots)  # frozen int8 tables: one compiled engine per slot
-    got, _ = run_batched(engine, PROMPTS, NEW, max_batch=3)
-    for p, n, toks in zip(PROMPTS, NEW, got):
-        assert toks == DecodeEngine(frozen, batch_size=1).generate(torch.tensor([p]), n)[0, len(p):].tolist()
+@pytest.mark.parametrize("max_batch", [1, 3, 4])
+def test_batched_slots_rows_equal_alone_and_the_eager_reference(frozen, max_batch):
+    engine = slot_engine_for(frozen, max_batch)
+    assert isinstance(engine, BatchedSlots)  # frozen int8 tables: every slot a row of one compiled engine
+    got, logits = run_batched(engine, PROMPTS, NEW, max_batch=max_batch)
+    for i, (p, n, toks) in enumerate(zip(PROMPTS, NEW, got)):
+        # bit for bit the request decoded alone: a row's numbers do not depend on the rows beside it
+        alone = DecodeEngine(frozen, batch_size=1)
+        lg = [alone.prefill(torch.tensor([p]))[0]]
+        for t in toks[:-1]:
+            lg.append(alone.step(torch.tensor([t]))[0])
+        assert toks == [int(x.argmax()) for x in lg]
+        assert torch.equal(torch.stack(logits[i]), torch.stack(lg))
     # the eager model is the reference: with a float32 cache the engine's logits are the eager model's
-    exact = EngineSlots(frozen, 3, kv_dtype=torch.float32)
-    toks, logits = run_batched(exact, PROMPTS, NEW, max_batch=3)
-    ref_toks, ref_logits = run_batched(EagerSlots(frozen, 3), PROMPTS, NEW, max_batch=3)
+    exact = BatchedSlots(frozen, max_batch, kv_dtype=torch.float32)
+    toks, logits = run_batched(exact, PROMPTS, NEW, max_batch=max_batch)
+    ref_toks, ref_logits = run_batched(EagerSlots(frozen, max_batch), PROMPTS, NEW, max_batch=max_batch)
     assert toks == ref_toks
     for a, b in zip(logits, ref_logits):
         torch.testing.assert_close(torch.stack(a), torch.stack(b), atol=1e-4, rtol=1e-4)
+
+
+@needs_ext
+def test_batched_slots_prompt_chunks_beside_decode_rows(frozen):
+    # a long prompt fed in chunks of 5, each chunk in the same call as the other rows' next tokens, ends where
+    # its whole prefill does; the rows beside it are not disturbed (more tokens than one pass of the engine holds)
+    engine, ref = BatchedSlots(frozen, 3), BatchedSlots(frozen, 3)
+    long = [(7 * i) % 300 for i in range(45)]
+    a = engine.add(0, PROMPTS[0])
+    assert torch.equal(a, ref.add(0, PROMPTS[0]))
+    tok, got = int(a.argmax()), []
+    for c in range(0, len(long), 5):
+        out = engine.run([(0, [tok], True), (2, long[c:c + 5], c + 5 >= len(long))])
+        assert out.shape == (1 if c + 5 < len(long) else 2, 300)
+        step = ref.step([0], [tok])[0]
+        assert torch.equal(out[0], step)
+        tok = int(step.argmax())
+        got = out
+    assert torch.equal(got[1], ref.add(2, long)) and engine.length(2) == 45 == ref.length(2)
+    p1, p2 = list(range(1, 47)), list(range(2, 42))  # 86 tokens: two passes of the engine's 64
+    both = BatchedSlots(frozen, 2).run([(1, p1, True), (0, p2, True)])
+    assert torch.equal(both[0], BatchedSlots(frozen, 1).add(0, p1))
+    assert torch.equal(both[1], BatchedSlots(frozen, 1).add(0, p2))
 
 
 def test_slot_engine_refuses_misuse():
@@ -123,9 +153,10 @@ class Gated(EagerSlots):
         super().__init__(model, max_batch)
         self.gate = threading.Event()
 
-    def step(self, slots, ids):
-        assert self.gate.wait(10)
-        return super().step(slots, ids)
+    def run(self, feeds):
+        if any(self._active[f[0]] for f in feeds):  # a step of running rows (not a first prefill)
+            assert self.gate.wait(10)
+        return super().run(feeds)
 
 
 def test_scheduler_batches_mixed_requests_like_alone():
@@ -146,6 +177,23 @@ def test_scheduler_batches_mixed_requests_like_alone():
     assert alone[0][2] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
     sched.shutdown()
     assert sched.metrics.generated_tokens == sum(NEW) and sched.metrics.finished == {"length": 4}
+
+
+@needs_ext
+@pytest.mark.parametrize("prefill_chunk", [0, 4])
+def test_scheduler_on_the_batched_engine_like_alone(frozen, prefill_chunk):
+    # chunked prefill (4 prompt tokens a step beside the running rows) or whole prompts between steps: the same
+    # text as each request alone, greedy and seeded
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in NEW]
+    params[2] = SamplingParams(max_tokens=NEW[2], temperature=0.8, top_p=0.95, seed=3)
+    with_one = Scheduler(BatchedSlots(frozen, 1), decode=chars).start()
+    alone = [with_one.submit(p, sp).result() for p, sp in zip(PROMPTS, params)]
+    with_one.shutdown()
+    sched = Scheduler(BatchedSlots(frozen, 3), decode=chars, prefill_chunk=prefill_chunk).start()
+    handles = [sched.submit(p, sp) for p, sp in zip(PROMPTS, params)]
+    assert [h.result() for h in handles] == alone
+    sched.shutdown()
+    assert sched.metrics.generated_tokens == sum(NEW) and sched.metrics.prompt_tokens == sum(map(len, PROMPTS))
 
 
 def test_stop_tokens_stop_strings_and_the_context():

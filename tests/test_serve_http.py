@@ -81,11 +81,12 @@ class Slow(EagerSlots):
         super().__init__(model, max_batch)
         self.delay, self.gate = delay, None
 
-    def step(self, slots, ids):
-        if self.gate is not None:
-            assert self.gate.wait(20)
-        time.sleep(self.delay)
-        return super().step(slots, ids)
+    def run(self, feeds):
+        if any(self._active[f[0]] for f in feeds):  # a step of running rows (not a first prefill)
+            if self.gate is not None:
+                assert self.gate.wait(20)
+            time.sleep(self.delay)
+        return super().run(feeds)
 
 
 def complete(client, prompt, **kw):

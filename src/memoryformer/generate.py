@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from memoryformer.model import KVCache
+from memoryformer.ops import cpu_ext
 
 
 def _check(max_new_tokens, temperature, top_k, top_p) -> None:
@@ -129,7 +131,8 @@ def _steps(model, idx, max_new_tokens: int, fast, cache, sampling: tuple, eos_to
             logits = model.head(hidden[:, -1]).float()  # (B, V)
         else:
             logits = model(idx[:, -max_len:])[0][:, -1].float()
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        with cpu_ext.torch_serial() if fast is not None else contextlib.nullcontext():
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
         if eos_token is not None:
             nxt = nxt.masked_fill(done[:, None], eos_token)
             done |= nxt[:, 0] == eos_token

@@ -25,6 +25,8 @@ def add_serve(p) -> None:
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help="require 'Authorization: Bearer KEY' on "
                    f"every request (default: ${API_KEY_ENV}; unset: no key)")
     p.add_argument("--model-name", help="the model's id in the API (default: the checkpoint folder's name)")
+    p.add_argument("--prefill-chunk", type=int, default=0, metavar="N", help="prompt tokens sent with each decode "
+                   "step (chunked prefill); 0 (default): an admitted prompt is prefilled whole between two steps")
     p.add_argument("--max-seq-len", type=int, help="context of each slot (default: the model's max_seq_len)")
     p.add_argument("--drain-timeout", type=duration, default=30.0, metavar="SECONDS", help="after SIGTERM, time "
                    "the requests in flight get to finish before they are cancelled (default 30s)")
@@ -56,6 +58,8 @@ def run_serve(args) -> None:
     positive(max_batch=args.max_batch, threads=args.threads, max_seq_len=args.max_seq_len)
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"port: expected 0..65535, got {args.port}")
+    if args.prefill_chunk < 0:
+        raise ConfigError(f"prefill-chunk: expected an integer >= 0, got {args.prefill_chunk}")
     if args.max_queue < 0:
         raise ConfigError(f"max-queue: expected an integer >= 0, got {args.max_queue}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -71,7 +75,8 @@ def run_serve(args) -> None:
     except ValueError as e:
         raise MemoryFormerError(str(e)) from None
     name = args.model_name or Path(args.checkpoint).resolve().name
-    scheduler = Scheduler(engine, max_queue=args.max_queue, decode=decode, eos_id=EOT_ID).start()
+    scheduler = Scheduler(engine, max_queue=args.max_queue, decode=decode, eos_id=EOT_ID,
+                          prefill_chunk=args.prefill_chunk).start()
     log.info("serve: %s (%s, %d slots of %d tokens) on http://%s:%d/v1", name, engine.kind, engine.max_batch,
                  engine.max_seq_len, args.host, args.port)
     app = web.build_app(scheduler, model_name=name, encode=encode, api_key=args.api_key,

@@ -69,7 +69,8 @@ class DecodeEngine:
             and embedding (`memoryformer.freeze`); no hash projection, no int4 rows (`why_not` says so, and
             `generate` and the server then decode eagerly). For decode speed put its tables on huge
             pages first (`tables_to_huge_pages`; the loader and `freeze` do).
-        batch_size: rows decoded together (each its own hash and cache; all at the same position).
+        batch_size: rows decoded together (each its own hash, cache region and position: `feed` runs any rows at
+            their own positions in one call; `prefill` / `step` / `append` move all rows together).
         max_seq_len: cache length (default: the model's). Positions must stay below it.
         kv_dtype: cache precision, torch.float32 or torch.bfloat16; default float32 for fp32 tables, else bfloat16
             (half the bytes attention reads per token at long contexts).
@@ -143,11 +144,47 @@ class DecodeEngine:
 
     @property
     def pos(self) -> int:
-        """Tokens in the cache (the position the next token gets)."""
-        return self._engine.pos()
+        """Tokens in the cache (the position the next token gets), when every row is at the same one."""
+        positions = self.positions
+        if len(set(positions)) > 1:
+            raise ValueError(f"pos: the rows are at different positions {positions} (see positions)")
+        return positions[0]
+
+    @property
+    def positions(self) -> list[int]:
+        """Each row's tokens in the cache."""
+        return list(self._engine.positions())
+
+    def set_position(self, row: int, pos: int) -> None:
+        """Move row `row` to position `pos` (0 empties it; its later tokens overwrite the cache from there)."""
+        if not 0 <= row < self.batch_size:
+            raise ValueError(f"row: expected 0..{self.batch_size - 1}, got {row}")
+        if not 0 <= pos <= self.max_seq_len:
+            raise ValueError(f"pos: expected 0..{self.max_seq_len}, got {pos}")
+        self._engine.set_row_pos(row, pos)
 
     def reset(self) -> None:
         self._engine.set_pos(0)
+
+    def feed(self, rows: torch.Tensor, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Tokens of any rows in one call, each row at its own position: ids[i] goes to row rows[i] at that row's
+        next position (a row's tokens in order); returns the (last.sum(), V) logits of the tokens where `last` is
+        True, in order. A decode step lists one token per active row, a prompt (or a chunk of it) its tokens with
+        only the final one in `last`; both can share a call, and rows not listed cost nothing."""
+        rows, ids, last = (torch.as_tensor(t).reshape(-1) for t in (rows, ids, last))
+        if not (rows.numel() == ids.numel() == last.numel()) or ids.numel() == 0:
+            raise ValueError(f"feed: rows, ids and last must be non-empty and of one length, got {rows.numel()}, "
+                             f"{ids.numel()}, {last.numel()}")
+        if int(rows.min()) < 0 or int(rows.max()) >= self.batch_size:
+            raise ValueError(f"rows: expected rows in 0..{self.batch_size - 1}, got {rows.tolist()}")
+        vocab = self.config.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"ids: token ids must lie in [0, {vocab})")
+        ends = torch.tensor(self.positions) + torch.bincount(rows, minlength=self.batch_size)
+        if int(ends.max()) > self.max_seq_len:
+            row = int(ends.argmax())
+            raise ValueError(f"max_seq_len: row {row} would hold {int(ends[row])} positions, the cache {self.max_seq_len}")
+        return self._engine.forward_rows(rows, ids, last.to(torch.bool))
 
     def _ids(self, ids: torch.Tensor, ndim: int) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.ndim != ndim:
@@ -157,8 +194,8 @@ class DecodeEngine:
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"ids: batch of {ids.shape[0]} rows, the engine was built for batch_size={self.batch_size}")
         n = 1 if ndim == 1 else ids.shape[1]
-        if self.pos + n > self.max_seq_len:
-            raise ValueError(f"max_seq_len: {self.pos + n} positions exceed the engine's cache of {self.max_seq_len}")
+        if max(self.positions) + n > self.max_seq_len:
+            raise ValueError(f"max_seq_len: {max(self.positions) + n} positions exceed the engine's cache of {self.max_seq_len}")
         return ids.cpu()
 
     def append(self, ids: torch.Tensor) -> torch.Tensor:
@@ -180,7 +217,8 @@ class DecodeEngine:
         out = [ids]
         logits = self.prefill(ids)
         for i in range(max_new_tokens):
-            nxt = logits.argmax(-1)
+            with cpu_ext.torch_serial():
+                nxt = logits.argmax(-1)
             out.append(nxt[:, None])
             if i + 1 < max_new_tokens:
                 logits = self.step(nxt)

@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from memoryformer.serve.scheduler import MAX_STOP, SamplingParams
+from memoryformer.serve.request import MAX_STOP, SamplingParams
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 

@@ -1,8 +1,9 @@
 """Continuous batching over a `SlotEngine`: requests join and leave the running batch at step boundaries.
 
 One background thread runs the loop: (1) drop cancelled requests, freeing their slots; (2) admit waiting requests
-first come, first served, while a slot is free: their prompt is prefilled and their first token sampled; (3) one
-step of every active row; rows that finished (a stop token, a stop string, max_tokens, the context) free their slot.
+first come, first served, while a slot is free: their prompt is prefilled whole (`prefill_chunk=0`) or joins the
+next steps `prefill_chunk` tokens at a time; (3) one engine call for every active row's next token (and those
+prompt chunks); rows that finished (a stop token, a stop string, max_tokens, the context) free their slot.
 The queue of waiting requests is bounded (`QueueFull` past `max_queue`). Each row is sampled with its own
 `torch.Generator`, so a seeded request gives the same text alone or beside others.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import secrets
 import threading
 import time
@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 import torch
 
 from memoryformer.generate import sample_next
+from memoryformer.ops import cpu_ext
 from memoryformer.serve.engine import SlotEngine
 from memoryformer.serve.metrics import Metrics
+from memoryformer.serve.request import Event, Handle, SamplingParams, _int
 
 log = logging.getLogger("memoryformer.serve")
-MAX_STOP = 4  # stop strings per request, as OpenAI's API
 
 
 class QueueFull(RuntimeError):
@@ -41,134 +42,6 @@ class QueueFull(RuntimeError):
 
 class ShuttingDown(RuntimeError):
     """The scheduler no longer admits requests."""
-
-
-def _int(value, name: str, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name}: expected an integer >= {lo}, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples. temperature 0 is greedy; `stop` strings end the text before them; the scheduler's
-    end-of-text token and `stop_token_ids` end it too (not part of the text)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        _int(self.max_tokens, "max_tokens", 1)
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < math.inf:
-            raise ValueError(f"temperature: expected a finite number >= 0 (0 = greedy), got {t!r}")
-        if self.top_k is not None:
-            _int(self.top_k, "top_k", 1)
-        p = self.top_p
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
-            raise ValueError(f"top_p: expected a number in (0, 1], got {p!r}")
-        if self.seed is not None:
-            _int(self.seed, "seed", 0)
-        if len(self.stop) > MAX_STOP or any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop: expected up to {MAX_STOP} non-empty strings, got {list(self.stop)!r}")
-        for tok in self.stop_token_ids:
-            _int(tok, "stop_token_ids", 0)
-
-
-@dataclass
-class Event:
-    """What a request produced since its last event: new text and token ids; `finish_reason` on the last one
-    ("stop", "length", "cancelled" or "error", with `error` saying why)."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-class Handle:
-    """A submitted request: its events (iterate, `aiter()` in an event loop, or `result()`), `cancel()`."""
-
-    def __init__(self, rid: int, prompt_ids: list[int], params: SamplingParams, wake: Callable[[], None],
-                 loop: asyncio.AbstractEventLoop | None):
-        self.id, self.prompt_ids, self.params = rid, prompt_ids, params
-        self.arrival = time.perf_counter()
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.cancelled = False
-        self._wake, self._loop = wake, loop
-        self._cond = threading.Condition()
-        self._events: deque[Event] = deque()
-        self._ready = asyncio.Event() if loop is not None else None
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def cancel(self) -> None:
-        """Stop this request: its slot (or its place in the queue) is given up at the next step boundary."""
-        if not self.done:
-            self.cancelled = True
-            self._wake()
-
-    def _push(self, ev: Event) -> None:  # the scheduler's thread
-        with self._cond:
-            if ev.finish_reason is not None:
-                self.finish_reason = ev.finish_reason
-            self._events.append(ev)
-            self._cond.notify_all()
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._ready.set)
-            except RuntimeError:  # the event loop has closed: nobody is listening any more
-                pass
-
-    def _take(self) -> list[Event]:
-        with self._cond:
-            out = list(self._events)
-            self._events.clear()
-            return out
-
-    def __iter__(self):
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._events)
-            for ev in self._take():
-                yield ev
-                if ev.finish_reason is not None:
-                    return
-
-    async def aiter(self):
-        """The events, from the event loop given to `submit`."""
-        if self._ready is None:
-            raise RuntimeError("aiter: submit this request with loop=asyncio.get_running_loop()")
-        while True:
-            await self._ready.wait()
-            self._ready.clear()  # before taking: an event pushed after this sets it again
-            for ev in self._take():
-                yield ev
-                if ev.finish_reason is not None:
-                    return
-
-    def result(self) -> tuple[str, str, dict]:
-        """Block until done: (text, finish_reason, usage); RuntimeError if it ended in an error."""
-        text = []
-        for ev in self:
-            text.append(ev.text)
-            if ev.error:
-                raise RuntimeError(ev.error)
-        return "".join(text), self.finish_reason, self.usage
-
-    @property
-    def usage(self) -> dict:
-        n, m = len(self.prompt_ids), self.completion_tokens
-        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
 @dataclass
@@ -184,6 +57,7 @@ class _Row:
     sent: str = ""
     pending: int | None = None  # the last sampled token, fed at the next step
     last: float = 0.0
+    fed: int = 0  # prompt tokens in the slot (chunked prefill: the rest go in with the next steps)
 
 
 class Scheduler:
@@ -191,11 +65,15 @@ class Scheduler:
 
     decode: token ids -> text (needed for stop strings and text events; None: events carry ids and no text).
     eos_id: the end-of-text token that stops every request unless it sets `ignore_eos`.
+    prefill_chunk: 0 prefills an admitted prompt whole, in a call of its own before the next step (the other rows
+        wait for it); N > 0 sends up to N prompt tokens with each step, beside the running rows' next tokens
+        (chunked prefill: a long prompt delays each step a little instead of one step a lot).
     """
 
     def __init__(self, engine: SlotEngine, *, max_queue: int = 64, decode: Callable[[list[int]], str] | None = None,
-                 eos_id: int | None = None, metrics: Metrics | None = None):
+                 eos_id: int | None = None, metrics: Metrics | None = None, prefill_chunk: int = 0):
         self.engine, self.max_queue = engine, _int(max_queue, "max_queue", 0)
+        self.prefill_chunk = _int(prefill_chunk, "prefill_chunk", 0)
         self.decode, self.eos_id = decode, eos_id
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
@@ -281,6 +159,12 @@ class Scheduler:
     # -- the loop -------------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.engine.compiled:  # this thread's sampling on one torch thread (cpu_ext.torch_serial)
+            with cpu_ext.torch_serial():
+                return self._loop()
+        return self._loop()
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 self._reap()
@@ -298,7 +182,7 @@ class Scheduler:
                 for handle, slot in admitted:
                     self._prefill(handle, slot)
                 self._step()
-            except Exception as e:  # noqa: BLE001 - the loop must outlive any one step: fail its rows, go on
+            except Exception as e:
                 log.exception("scheduler step failed")
                 with self._cond:
                     self._cancel_all(f"internal error: {type(e).__name__}: {e}", reason="error")
@@ -323,13 +207,15 @@ class Scheduler:
 
     def _release(self, row: _Row, last: Event) -> None:
         self._rows.pop(row.slot, None)
-        self.engine.free(row.slot)
+        if self.engine.length(row.slot):  # a row cancelled before its first prompt chunk never reached the engine
+            self.engine.free(row.slot)
         with self._cond:
             self._free.append(row.slot)
         self.metrics.finish(last.finish_reason)
         row.handle._push(last)
 
     def _prefill(self, handle: Handle, slot: int) -> None:
+        """Give `handle` its slot; its prompt goes in now (whole) or with the next steps (chunked)."""
         p = handle.params
         stop_ids = set(p.stop_token_ids) | ({self.eos_id} if self.eos_id is not None and not p.ignore_eos else set())
         room = self.engine.max_seq_len - len(handle.prompt_ids)  # prompt + sampled tokens fit the slot's context
@@ -338,7 +224,7 @@ class Scheduler:
             if p.temperature > 0:
                 gen = torch.Generator().manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
             row = _Row(handle, slot, min(p.max_tokens, room), frozenset(stop_ids), gen)
-            logits = self.engine.add(slot, handle.prompt_ids)
+            logits = None if self.prefill_chunk else self.engine.add(slot, handle.prompt_ids)
         except Exception as e:  # one bad request must not stop the others
             log.exception("prefill of request %d failed", handle.id)
             with self._cond:
@@ -346,21 +232,46 @@ class Scheduler:
             self._finish_handle(handle, "error", f"prefill failed: {e}")
             return
         self._rows[slot] = row
-        self.metrics.prompt(len(handle.prompt_ids))
-        self._accept([row], logits[None])
+        if logits is not None:
+            row.fed = len(handle.prompt_ids)
+            self.metrics.prompt(row.fed)
+            self._accept([row], logits[None])
 
     def _step(self) -> None:
-        rows = [r for r in self._rows.values() if r.pending is not None]
-        if not rows:
+        """One engine call: the next token of every running row, and up to `prefill_chunk` prompt tokens of rows
+        still filling (first admitted first)."""
+        feeds, wants = [], []
+        for r in self._rows.values():
+            if r.pending is not None:
+                feeds.append((r.slot, [r.pending], True))
+                wants.append(r)
+        budget = self.prefill_chunk
+        for r in self._rows.values():
+            prompt = r.handle.prompt_ids
+            if budget <= 0 or r.fed >= len(prompt):
+                continue
+            chunk = prompt[r.fed:r.fed + budget]
+            budget -= len(chunk)
+            done = r.fed + len(chunk) == len(prompt)
+            feeds.append((r.slot, chunk, done))
+            if done:
+                wants.append(r)
+        if not feeds:
             return
         try:
-            logits = self.engine.step([r.slot for r in rows], [r.pending for r in rows])
+            logits = self.engine.run(feeds)
         except Exception as e:  # the rows of this step end in an error; the server goes on
             log.exception("decode step failed")
-            for r in rows:
-                self._release(r, Event("", [], "error", f"decode step failed: {e}"))
+            for slot, _, _ in feeds:
+                self._release(self._rows[slot], Event("", [], "error", f"decode step failed: {e}"))
             return
-        self._accept(rows, logits)
+        for slot, chunk, _ in feeds:
+            row = self._rows[slot]
+            if row.pending is None:
+                row.fed += len(chunk)
+                if row.fed == len(row.handle.prompt_ids):
+                    self.metrics.prompt(row.fed)
+        self._accept(wants, logits)
 
     def _accept(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample each row's next token from its logits (n, V), send what it adds, finish the rows that are done."""

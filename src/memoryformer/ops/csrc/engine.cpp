@@ -22,111 +22,18 @@
 #include <string>
 
 #include "attention.h"
+#include "engine_parts.h"
 #include "head.h"
 #include "kernels.h"
 #include "parallel.h"
 
-namespace {
-
-struct MemW {
-  at::Tensor tables, scale, bias;  // kept alive
-  const void* tab = nullptr;
-  at::ScalarType dt = at::kFloat;
-  const float* sc = nullptr;
-  const float* b = nullptr;
-  int64_t K = 0, R = 0, h = 0, tau = 0;
-};
-
-struct BlockW {
-  at::Tensor norm1, norm2, ln_w, ln_b;
-  MemW qkv, l1, l2;
-};
-
-at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-// Entries of a Python dict read by name; `finish()` fails on any entry nobody read.
-class Named {
- public:
-  Named(pybind11::dict d, std::string what) : d_(std::move(d)), what_(std::move(what)) {}
-  bool has(const std::string& k) const { return d_.contains(k) && !d_[pybind11::str(k)].is_none(); }
-  template <typename T>
-  T get(const std::string& k) {
-    TORCH_CHECK(d_.contains(k), "engine: ", what_, " has no '", k, "'");
-    read_.insert(k);
-    return d_[pybind11::str(k)].cast<T>();
-  }
-  at::Tensor need(const std::string& k) {
-    TORCH_CHECK(has(k), "engine: ", what_, " '", k, "' is missing");
-    read_.insert(k);
-    return d_[pybind11::str(k)].cast<at::Tensor>();
-  }
-  c10::optional<at::Tensor> opt(const std::string& k) {
-    read_.insert(k);
-    if (!has(k)) return c10::nullopt;
-    return d_[pybind11::str(k)].cast<at::Tensor>();
-  }
-  void finish() const {
-    for (auto item : d_) {
-      const auto k = item.first.cast<std::string>();
-      TORCH_CHECK(read_.count(k), "engine: ", what_, " '", k, "' is not read by the engine (teach ",
-                  "ops/csrc/engine.cpp to use it, or keep it out of memoryformer/inference/engine.py)");
-    }
-  }
-
- private:
-  pybind11::dict d_;
-  std::string what_;
-  std::set<std::string> read_;
-};
-
-// A Memory Layer's `tables` (K, R, h), `scale` (K, R) for int8 and `bias` (h,) under `prefix` (MemoryLayer's
-// state-dict names).
-MemW mem_w(Named& t, const std::string& prefix, int64_t tau, int64_t h_expected) {
-  auto tables = t.opt(prefix + "tables"), scale = t.opt(prefix + "scale"), bias = t.opt(prefix + "bias");
-  TORCH_CHECK(tables.has_value() && tables->dim() == 3 && tables->is_contiguous(), "engine: ", prefix,
-              "tables (K, R, h) contiguous");
-  MemW m;
-  m.tables = *tables;
-  m.K = m.tables.size(0);
-  m.R = m.tables.size(1);
-  m.h = m.tables.size(2);
-  m.tau = tau;
-  TORCH_CHECK(m.R == (int64_t(1) << tau) && m.h == h_expected, "engine: ", prefix, "tables shape does not match the config");
-  m.dt = m.tables.scalar_type();
-  m.tab = m.tables.data_ptr();
-  if (scale.has_value()) {
-    m.scale = f32(*scale);
-    m.sc = m.scale.data_ptr<float>();
-  }
-  TORCH_CHECK(m.dt != at::kChar || m.sc != nullptr, "engine: int8 tables need their row scales");
-  if (bias.has_value()) {
-    m.bias = f32(*bias);
-    m.b = m.bias.data_ptr<float>();
-  }
-  return m;
-}
-
-void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
-  double ss = 0;
-  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
-  const float r = 1.f / std::sqrt(static_cast<float>(ss / n) + eps);
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
-}
-
-void layer_norm(float* x, const float* w, const float* b, int64_t n, float eps) {
-  double s = 0, ss = 0;
-  for (int64_t i = 0; i < n; ++i) s += x[i];
-  const double mean = s / n;
-  for (int64_t i = 0; i < n; ++i) ss += (x[i] - mean) * (x[i] - mean);
-  const float m = static_cast<float>(mean), r = 1.f / std::sqrt(static_cast<float>(ss / n) + eps);
-  for (int64_t i = 0; i < n; ++i) x[i] = (x[i] - m) * r * w[i] + b[i];
-}
-
-void gelu(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.f + std::erf(x[i] * 0.70710678118654752f));
-}
-
-}  // namespace
+using mfe::BlockW;
+using mfe::f32;
+using mfe::gelu;
+using mfe::layer_norm;
+using mfe::MemW;
+using mfe::Named;
+using mfe::rms_norm;
 
 class Engine {
  public:
@@ -170,12 +77,12 @@ class Engine {
       Named t(names, "block tensor");
       BlockW b;  // MemoryFormerBlock's state-dict names
       b.norm1 = f32(t.need("norm1.weight"));
-      b.qkv = mem_w(t, "attn.qkv.", tau_, 3 * d_);
+      b.qkv = mfe::mem_w(t, "attn.qkv.", tau_, 3 * d_);
       b.norm2 = f32(t.need("norm2.weight"));
-      b.l1 = mem_w(t, "mlp.l1.", tau_, hid_);
+      b.l1 = mfe::mem_w(t, "mlp.l1.", tau_, hid_);
       b.ln_w = f32(t.need("mlp.norm.weight"));
       b.ln_b = f32(t.need("mlp.norm.bias"));
-      b.l2 = mem_w(t, "mlp.l2.", tau2_, d_);
+      b.l2 = mfe::mem_w(t, "mlp.l2.", tau2_, d_);
       t.finish();
       TORCH_CHECK(b.qkv.K * tau_ == d_ && b.l1.K * tau_ == d_ && b.l2.K * tau2_ == hid_, "engine: K does not match");
       blocks_.push_back(std::move(b));
@@ -183,23 +90,39 @@ class Engine {
     auto opt = at::TensorOptions().dtype(kv_dtype_);
     kc_ = at::zeros({L_, B_, nh_, S_, hd_}, opt);
     vc_ = at::zeros({L_, B_, nh_, S_, hd_}, opt);
-    x_.assign(B_ * d_, 0.f);
-    xn_.assign(B_ * std::max(d_, hid_), 0.f);
-    qkv_.assign(B_ * 3 * d_, 0.f);
-    att_.assign(B_ * d_, 0.f);
-    hid_buf_.assign(B_ * hid_, 0.f);
-    out_.assign(B_ * d_, 0.f);
-    const int64_t kmax = std::max(d_ / tau_, hid_ / tau2_);
-    rows_.assign(B_ * kmax, 0);
-    w_.assign(B_ * kmax, 0.f);
-    tmp_.assign(std::max(d_, hid_), 0.f);
-    scores_.assign(static_cast<size_t>(B_ * nh_) * S_, 0.f);
+    pos_.assign(B_, 0);
+    // a pass holds up to cap_ tokens (rows of a decode step, or a prompt's tokens): their buffers side by side
+    cap_ = std::max<int64_t>(B_, kPrefillChunk);
+    kmax_ = std::max(d_ / tau_, hid_ / tau2_);
+    x_.assign(cap_ * d_, 0.f);
+    xn_.assign(cap_ * std::max(d_, hid_), 0.f);
+    qkv_.assign(cap_ * 3 * d_, 0.f);
+    att_.assign(cap_ * d_, 0.f);
+    hid_buf_.assign(cap_ * hid_, 0.f);
+    out_.assign(cap_ * d_, 0.f);
+    rows_.assign(cap_ * kmax_, 0);
+    w_.assign(cap_ * kmax_, 0.f);
+    tmp_.assign(cap_ * std::max(d_, hid_), 0.f);
+    scores_.assign(static_cast<size_t>(cap_ * nh_) * S_, 0.f);
+    it_row_.assign(cap_, 0);
+    it_pos_.assign(cap_, 0);
   }
 
-  int64_t pos() const { return pos_; }
+  // The position every row is at (the tokens in its cache); an error when the rows differ (see positions()).
+  int64_t pos() const {
+    for (int64_t b = 1; b < B_; ++b)
+      TORCH_CHECK(pos_[b] == pos_[0], "engine: the rows are at different positions (positions() lists them)");
+    return pos_[0];
+  }
+  std::vector<int64_t> positions() const { return pos_; }
   void set_pos(int64_t p) {
     TORCH_CHECK(p >= 0 && p <= S_, "engine: position out of range");
-    pos_ = p;
+    std::fill(pos_.begin(), pos_.end(), p);
+  }
+  void set_row_pos(int64_t row, int64_t p) {
+    TORCH_CHECK(row >= 0 && row < B_, "engine: row ", row, " out of range [0, ", B_, ")");
+    TORCH_CHECK(p >= 0 && p <= S_, "engine: position out of range");
+    pos_[row] = p;
   }
   at::Tensor kcache() const { return kc_; }
   void set_option(const std::string& name, int64_t v) {
@@ -209,28 +132,35 @@ class Engine {
   }
   at::Tensor vcache() const { return vc_; }
 
-  // ids (B, T) int64 at positions pos() .. pos()+T-1 -> logits (B, V) float32 of the last one. Each token's K/V are
-  // written at its position; pos() advances by T. T = 1 is a decode step, T > 1 a prefill (token by token).
+  // ids (B, T) int64, row b's tokens at positions pos(b) .. pos(b)+T-1 -> logits (B, V) float32 of the last one.
   at::Tensor forward(at::Tensor ids) {
     TORCH_CHECK(ids.dim() == 2 && ids.size(0) == B_ && ids.size(1) >= 1, "forward: ids must be (batch=", B_, ", T >= 1)");
     const int64_t T = ids.size(1);
-    TORCH_CHECK(pos_ + T <= S_, "forward: ", pos_ + T, " positions exceed the cache (max_seq_len=", S_, ")");
     auto id = ids.to(at::kLong).contiguous();
     const int64_t* ip = id.data_ptr<int64_t>();
-    for (int64_t i = 0; i < B_ * T; ++i)
-      TORCH_CHECK(ip[i] >= 0 && ip[i] < embed_.size(0), "forward: token id ", ip[i], " out of range [0, ", embed_.size(0), ")");
-    if (profile_) t_ = std::chrono::steady_clock::now();
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t b = 0; b < B_; ++b) embed_row(ip[b * T + t], x_.data() + b * d_);
-      mark(kEmbed);
-      for (int64_t l = 0; l < L_; ++l) block(l);
-      ++pos_;
-    }
-    for (int64_t b = 0; b < B_; ++b) rms_norm(x_.data() + b * d_, final_norm_.data_ptr<float>(), d_, rms_eps_, xn_.data() + b * d_);
-    mark(kNorm);
-    auto logits = head_logits(xn_.data(), B_);
-    mark(kHead);
-    return logits;
+    std::vector<int64_t> rows, toks;
+    std::vector<uint8_t> last;
+    for (int64_t t = 0; t < T; ++t)  // token-major: a pass takes whole steps of every row
+      for (int64_t b = 0; b < B_; ++b) {
+        rows.push_back(b);
+        toks.push_back(ip[b * T + t]);
+        last.push_back(t == T - 1);
+      }
+    return run(rows, toks, last);
+  }
+
+  // Tokens of any rows, each row at its own position: token i goes to row rows[i] at that row's next position
+  // (a row's tokens in order), and the logits (n_last, V) of the tokens with last[i] != 0 come back in order. A
+  // decode step lists one token per active row; a prompt lists its tokens (only the last wanting logits); both
+  // can share a call. Rows not listed cost nothing.
+  at::Tensor forward_rows(at::Tensor rows, at::Tensor ids, at::Tensor last) {
+    TORCH_CHECK(rows.dim() == 1 && ids.dim() == 1 && last.dim() == 1 && rows.numel() == ids.numel() &&
+                    ids.numel() == last.numel(), "forward_rows: rows, ids and last must be 1-D of one length");
+    auto r = rows.to(at::kLong).contiguous(), t = ids.to(at::kLong).contiguous(), l = last.to(at::kByte).contiguous();
+    const int64_t n = r.numel();
+    return run(std::vector<int64_t>(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + n),
+               std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n),
+               std::vector<uint8_t>(l.data_ptr<uint8_t>(), l.data_ptr<uint8_t>() + n));
   }
 
   // The LM head alone: hidden (M, d) (already normalised) -> (M, V) float32.
@@ -241,6 +171,42 @@ class Engine {
   }
 
  private:
+  static constexpr int64_t kPrefillChunk = 64;  // tokens of one pass at most (beside the rows of a decode step)
+
+  at::Tensor run(const std::vector<int64_t>& rows, const std::vector<int64_t>& toks, const std::vector<uint8_t>& last) {
+    const int64_t n = static_cast<int64_t>(rows.size());
+    TORCH_CHECK(n >= 1, "forward: no tokens");
+    std::vector<int64_t> p(n), next(pos_);
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(rows[i] >= 0 && rows[i] < B_, "forward: row ", rows[i], " out of range [0, ", B_, ")");
+      TORCH_CHECK(toks[i] >= 0 && toks[i] < embed_.size(0), "forward: token id ", toks[i], " out of range [0, ",
+                  embed_.size(0), ")");
+      p[i] = next[rows[i]]++;
+      TORCH_CHECK(p[i] < S_, "forward: row ", rows[i], ": ", p[i] + 1, " positions exceed the cache (max_seq_len=", S_, ")");
+    }
+    int64_t n_last = 0;
+    for (auto v : last) n_last += v != 0;
+    std::vector<float> hl(std::max<int64_t>(1, n_last) * d_);
+    if (profile_) t_ = std::chrono::steady_clock::now();
+    int64_t j = 0;
+    for (int64_t a = 0; a < n; a += cap_) {
+      n_ = std::min(cap_, n - a);
+      for (int64_t i = 0; i < n_; ++i) {
+        it_row_[i] = rows[a + i], it_pos_[i] = p[a + i];
+        embed_row(toks[a + i], x_.data() + i * d_);
+      }
+      mark(kEmbed);
+      for (int64_t l = 0; l < L_; ++l) block(l);
+      for (int64_t i = 0; i < n_; ++i)
+        if (last[a + i]) rms_norm(x_.data() + i * d_, final_norm_.data_ptr<float>(), d_, rms_eps_, hl.data() + d_ * j++);
+      mark(kNorm);
+    }
+    pos_ = next;
+    auto logits = head_logits(hl.data(), n_last);
+    mark(kHead);
+    return logits;
+  }
+
   void embed_row(int64_t id, float* out) {
     mfk::dispatch_rows(embed_.scalar_type(), "engine: embedding", [&](auto tag) {
       using T = decltype(tag);
@@ -250,24 +216,43 @@ class Engine {
     });
   }
 
-  // y (B, h) = Memory Layer m of x (B, K*tau), each row with its own hash. Mirrors MemoryLayer.forward
-  // (layers.py): ops.reference.chunk_hash (Eq. 3-10) then the weighted gather of Eq. 11-12.
+  // y (n, h) = Memory Layer m of x (n, K*tau), each token with its own hash. Mirrors MemoryLayer.forward
+  // (layers.py): ops.reference.chunk_hash (Eq. 3-10) then the weighted gather of Eq. 11-12. Several tokens hash
+  // on the threads; each thread then gathers its columns of every token, the next token's rows prefetched while
+  // the last ones of the one before are added.
   void memory_layer(const MemW& m, const float* x, float* y, int phase) {
-    for (int64_t b = 0; b < B_; ++b)
-      mfk::hash_chunks(x + b * m.K * m.tau, m.K, m.tau, msb_, code_w_, c_, m.sc, rows_.data() + b * m.K,
-                       w_.data() + b * m.K, tmp_.data(), m.tab, m.h * static_cast<int64_t>(c10::elementSize(m.dt)));
+    auto hash = [&](int64_t i) {
+      mfk::hash_chunks(x + i * m.K * m.tau, m.K, m.tau, msb_, code_w_, c_, m.sc, rows_.data() + i * m.K,
+                       w_.data() + i * m.K, tmp_.data() + i * m.K * m.tau, m.tab,
+                       m.h * static_cast<int64_t>(c10::elementSize(m.dt)));
+    };
+    if (n_ >= 4) mfk::parallel_chunks(n_, hash);
+    else for (int64_t i = 0; i < n_; ++i) hash(i);
     mark(kHash);
     mfk::dispatch_rows(m.dt, "engine: tables", [&](auto tag) {
       using T = decltype(tag);
       const T* tab = reinterpret_cast<const T*>(m.tab);
+      if (n_ >= 2) {  // whole rows, each thread a run of tokens: every row one contiguous stream
+        const int64_t nc = std::min<int64_t>(n_, mfk::parallel_threads());
+        mfk::parallel_chunks(nc, [&](int64_t c) {
+          const int64_t i0 = c * n_ / nc, i1 = (c + 1) * n_ / nc;
+          for (int64_t i = i0; i < i1; ++i) {
+            float* o = y + i * m.h;
+            if (m.b) std::memcpy(o, m.b, m.h * sizeof(float));
+            else std::fill(o, o + m.h, 0.f);
+            mfk::gather_cols(tab, rows_.data() + i * m.K, w_.data() + i * m.K, m.K, m.h, 0, m.h, o, -1, false, false);
+          }
+        });
+        return;
+      }
       const int64_t nc = mfk::n_chunks(m.h, 64);
       mfk::parallel_chunks(nc, [&](int64_t c) {
         auto [c0, c1] = mfk::split(m.h, static_cast<int>(c), static_cast<int>(nc), 64);
-        for (int64_t b = 0; b < B_; ++b) {
-          float* o = y + b * m.h;
+        for (int64_t i = 0; i < n_; ++i) {
+          float* o = y + i * m.h;
           if (m.b) std::memcpy(o + c0, m.b + c0, (c1 - c0) * sizeof(float));
           else std::fill(o + c0, o + c1, 0.f);
-          mfk::gather_cols(tab, rows_.data() + b * m.K, w_.data() + b * m.K, m.K, m.h, c0, c1, o);
+          mfk::gather_cols(tab, rows_.data() + i * m.K, w_.data() + i * m.K, m.K, m.h, c0, c1, o, (n_ - i) * m.K, i > 0);
         }
       });
     });
@@ -293,31 +278,33 @@ class Engine {
     }
   }
 
-  // Mirrors attention() and KVCache.attend (model.py): rotary (Rotary.forward) on q and k, the new k/v written
-  // at position pos_, causal softmax over the cache; no output projection (MemoryAttention.forward).
+  // Mirrors attention() and KVCache.attend (model.py): rotary (Rotary.forward) on q and k, each token's k/v
+  // written at its row's position, then causal softmax over that row's cache up to the token (every k/v of the
+  // pass is written first, so a prompt's tokens see each other); no output projection (MemoryAttention.forward).
   template <typename KV>
   void attention(int64_t l) {
     KV* kc = reinterpret_cast<KV*>(kc_.data_ptr()) + l * B_ * nh_ * S_ * hd_;
     KV* vc = reinterpret_cast<KV*>(vc_.data_ptr()) + l * B_ * nh_ * S_ * hd_;
-    const float* cs = rot_ ? cos_.data_ptr<float>() + pos_ * rot_ : nullptr;
-    const float* sn = rot_ ? sin_.data_ptr<float>() + pos_ * rot_ : nullptr;
-    for (int64_t b = 0; b < B_; ++b)
+    for (int64_t i = 0; i < n_; ++i) {
+      const int64_t b = it_row_[i], p = it_pos_[i];
+      const float* cs = rot_ ? cos_.data_ptr<float>() + p * rot_ : nullptr;
+      const float* sn = rot_ ? sin_.data_ptr<float>() + p * rot_ : nullptr;
       for (int64_t h = 0; h < nh_; ++h) {
-        float* base = qkv_.data() + b * 3 * d_ + h * 3 * hd_;  // per head [q | k | v] (GPT-NeoX order)
+        float* base = qkv_.data() + i * 3 * d_ + h * 3 * hd_;  // per head [q | k | v] (GPT-NeoX order)
         if (rot_) {
           rotate(base, cs, sn);
           rotate(base + hd_, cs, sn);
         }
-        const int64_t at = ((b * nh_ + h) * S_ + pos_) * hd_;
+        const int64_t at = ((b * nh_ + h) * S_ + p) * hd_;
         store(kc + at, base + hd_);
         store(vc + at, base + 2 * hd_);
       }
-    const int64_t pairs = B_ * nh_, n = pos_ + 1;
-    mfk::parallel_chunks(pairs, [&](int64_t p) {
-      const int64_t b = p / nh_, h = p % nh_;
+    }
+    mfk::parallel_chunks(n_ * nh_, [&](int64_t q) {
+      const int64_t i = q / nh_, h = q % nh_, b = it_row_[i];
       const int64_t off = (b * nh_ + h) * S_ * hd_;
-      mfk::attend(qkv_.data() + b * 3 * d_ + h * 3 * hd_, kc + off, vc + off, n, hd_, scores_.data() + p * S_,
-                  att_.data() + b * d_ + h * hd_);
+      mfk::attend(qkv_.data() + i * 3 * d_ + h * 3 * hd_, kc + off, vc + off, it_pos_[i] + 1, hd_,
+                  scores_.data() + q * S_, att_.data() + i * d_ + h * hd_);
     });
   }
 
@@ -325,24 +312,24 @@ class Engine {
   // MemoryFFN.forward (layers.py): l2(norm(act(l1 x))).
   void block(int64_t l) {
     const BlockW& bw = blocks_[l];
-    for (int64_t b = 0; b < B_; ++b) rms_norm(x_.data() + b * d_, bw.norm1.data_ptr<float>(), d_, rms_eps_, xn_.data() + b * d_);
+    for (int64_t i = 0; i < n_; ++i) rms_norm(x_.data() + i * d_, bw.norm1.data_ptr<float>(), d_, rms_eps_, xn_.data() + i * d_);
     mark(kNorm);
     memory_layer(bw.qkv, xn_.data(), qkv_.data(), kQKV);
     if (kv_dtype_ == at::kFloat) attention<float>(l);
     else attention<at::BFloat16>(l);
     mark(kAttention);
-    for (int64_t i = 0; i < B_ * d_; ++i) x_[i] += att_[i];
-    for (int64_t b = 0; b < B_; ++b) rms_norm(x_.data() + b * d_, bw.norm2.data_ptr<float>(), d_, rms_eps_, xn_.data() + b * d_);
+    for (int64_t i = 0; i < n_ * d_; ++i) x_[i] += att_[i];
+    for (int64_t i = 0; i < n_; ++i) rms_norm(x_.data() + i * d_, bw.norm2.data_ptr<float>(), d_, rms_eps_, xn_.data() + i * d_);
     mark(kNorm);
     memory_layer(bw.l1, xn_.data(), hid_buf_.data(), kL1);
-    for (int64_t b = 0; b < B_; ++b) {
-      float* hb = hid_buf_.data() + b * hid_;
+    for (int64_t i = 0; i < n_; ++i) {
+      float* hb = hid_buf_.data() + i * hid_;
       if (gelu_) gelu(hb, hid_);  // nn.GELU before the LayerNorm, as MemoryBlock.forward
       layer_norm(hb, bw.ln_w.data_ptr<float>(), bw.ln_b.data_ptr<float>(), hid_, ln_eps_);
     }
     mark(kNorm);
     memory_layer(bw.l2, hid_buf_.data(), out_.data(), kL2);
-    for (int64_t i = 0; i < B_ * d_; ++i) x_[i] += out_[i];
+    for (int64_t i = 0; i < n_ * d_; ++i) x_[i] += out_[i];
     mark(kNorm);
   }
 
@@ -367,21 +354,22 @@ class Engine {
  private:
   at::Tensor head_logits(const float* x, int64_t M) {
     auto y = at::empty({M, V_}, at::TensorOptions().dtype(at::kFloat));
+    if (M == 0) return y;
     const float* sp = head_scale_.defined() ? head_scale_.data_ptr<float>() : nullptr;
     mfk::head_gemv(head_, sp, x, M, y.data_ptr<float>(), true, head_scratch_, (head_calls_++ & 1) != 0);
     return y;
   }
 
-  int64_t L_, d_, nh_, hd_, rot_, S_, B_, V_, tau_, tau2_, hid_;
+  int64_t L_, d_, nh_, hd_, rot_, S_, B_, V_, tau_, tau2_, hid_, cap_, kmax_;
   float c_, rms_eps_, ln_eps_;
   bool code_w_, msb_, gelu_;
   at::ScalarType kv_dtype_;
   at::Tensor embed_, embed_scale_, head_, head_scale_, final_norm_, cos_, sin_, kc_, vc_;
   std::vector<BlockW> blocks_;
   std::vector<float> x_, xn_, qkv_, att_, hid_buf_, out_, w_, tmp_, scores_;
-  std::vector<int64_t> rows_;
+  std::vector<int64_t> rows_, pos_, it_row_, it_pos_;
+  int64_t n_ = 0;  // tokens in the current pass: token i is row it_row_[i] at position it_pos_[i]
   mfk::HeadScratch head_scratch_;
-  int64_t pos_ = 0;
   int64_t head_calls_ = 0;
   bool profile_ = false;
   double prof_[kPhases] = {};
@@ -394,8 +382,11 @@ void register_engine(pybind11::module& m) {
            pybind11::arg("model"), pybind11::arg("blocks"))
       .def("forward", &Engine::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("head", &Engine::head, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("forward_rows", &Engine::forward_rows, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("pos", &Engine::pos)
+      .def("positions", &Engine::positions)
       .def("set_pos", &Engine::set_pos)
+      .def("set_row_pos", &Engine::set_row_pos)
       .def("kcache", &Engine::kcache)
       .def("vcache", &Engine::vcache)
       .def("set_option", &Engine::set_option)
