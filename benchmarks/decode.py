@@ -17,6 +17,7 @@ Sections:
   context  MemoryFormer engine decode speed after a `--long-context`-token prompt against after `--prompt`.
   head     the LM head (vocab 50 304 x 768) alone: the kernels considered for the quantised head.
   quality  validation perplexity of a trained checkpoint (--checkpoint) with int8 / bf16 tables, head, embedding.
+  batch    B sequences at once (--batch 1,4,8,16) against llama-batched-bench; prompt: a --pp prompt (decode_batch.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_timing import (PHASES, PRECISIONS, dense_bytes_per_token, mf_bytes_per_token, mf_model,  # noqa: E402
                            one_min_load, profile_engine, run_engine)
 from kernel_timing import RESULTS, device_name, header, load, slug  # noqa: E402
+import decode_batch  # noqa: E402
 
 import memoryformer as mf  # noqa: E402
 from memoryformer import inference as inf  # noqa: E402
@@ -390,7 +392,7 @@ def section_quality(args, lines: list[str], record: dict) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--section", nargs="+", default=["head", "decode", "context"],
-                    choices=["head", "decode", "context", "quality"])
+                    choices=["head", "decode", "context", "quality", "batch", "prompt"])
     ap.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=list(PAIRS))
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     ap.add_argument("--prompt", type=int, default=32)
@@ -408,6 +410,7 @@ def main(argv=None):
     ap.add_argument("--ppl-tokens", type=int, default=65536, help="quality: validation tokens scored")
     ap.add_argument("--out", default=None, help="write the markdown here instead of decode_<device>_<date>.md")
     ap.add_argument("--save", action="store_true", help="write benchmarks/results/decode_<device>_<date>.md/.json")
+    decode_batch.add_args(ap)
     args = ap.parse_args(argv)
     if args.llama_bench and not args.gguf_dir:
         ap.error("--llama-bench needs --gguf-dir")
@@ -425,8 +428,8 @@ def main(argv=None):
                   argv=sys.argv if argv is None else argv, torch=torch.__version__)
     for name in args.section:
         n = len(lines)
-        {"head": section_head, "decode": section_decode, "context": section_context,
-         "quality": section_quality}[name](args, lines, record)
+        {"head": section_head, "decode": section_decode, "context": section_context, "quality": section_quality,
+         "batch": decode_batch.section_batch, "prompt": decode_batch.section_prompt}[name](args, lines, record)
         print("\n".join(lines[n:]), flush=True)
     lines.append(f"- {load()} at end")
     print(lines[-1])

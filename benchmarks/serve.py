@@ -105,6 +105,10 @@ def start_ours(args, max_batch: int) -> Process:
            "--threads", str(args.threads), "--no-verify"]
     if args.tables:
         cmd += ["--tables", args.tables]
+    if args.prefill_chunk:
+        cmd += ["--prefill-chunk", str(args.prefill_chunk)]
+    if args.spin_us is not None:
+        cmd += ["--spin-us", str(args.spin_us)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     return Process("memoryformer", cmd, port, "/health", env=env)
 
@@ -134,7 +138,8 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], n_
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
-                return {"error": f"HTTP {r.status_code}", "ttft": None, "gaps": [], "tokens": 0}
+                body = (await r.aread()).decode(errors="replace")[:200]
+                return {"error": f"HTTP {r.status_code}: {body}", "ttft": None, "gaps": [], "tokens": 0}
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -144,7 +149,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], n_
                 if msg.get("choices") and msg["choices"][0].get("text"):
                     times.append(time.perf_counter())
     except (httpx.HTTPError, json.JSONDecodeError) as e:
-        error = f"{type(e).__name__}"
+        error = f"{type(e).__name__}: {e}"[:200]
     if tokens is None:  # a server that sends no usage: ignore_eos made it generate every token asked for
         tokens = n_out if error is None else len(times)
     tpot = (times[-1] - times[0]) / (tokens - 1) if len(times) > 1 and tokens > 1 else None
@@ -171,7 +176,7 @@ async def run_round(url: str, jobs: list, c: int, time_limit: float) -> dict:
     return {"wall": wall, "requests": len(results), "errors": len(results) - len(ok),
             "tokens": sum(r["tokens"] for r in ok), "ttft": [r["ttft"] for r in ok if r["ttft"] is not None],
             "gaps": [g for r in ok for g in r["gaps"]], "tpot": [r["tpot"] for r in ok if r["tpot"] is not None],
-            "load": load_avg()}
+            "load": load_avg(), "error_texts": sorted({r["error"] for r in results if r["error"]})}
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -184,7 +189,7 @@ def summarise(rounds: list[dict]) -> dict:
         "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99),
         "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
         "requests": sum(r["requests"] for r in rounds), "errors": sum(r["errors"] for r in rounds),
-        "load": rounds[-1]["load"],
+        "load": rounds[-1]["load"], "error_texts": sorted(set().union(*(r["error_texts"] for r in rounds))),
     }
 
 
@@ -228,8 +233,17 @@ def report(args, table: dict, argv: list[str]) -> str:
     lines += ["", ("Inter-token: the gaps between streamed chunks as the client receives them (chunks that arrive "
                    "together give near-zero gaps). Per token: each request's (last chunk - first chunk) / "
                    "(tokens - 1)."),
-              "", ("memoryformer serve runs each active row as its own batch-1 engine call; rows are not yet batched "
-                   "into one call (docs/SERVING.md).")]
+              "", (f"memoryformer serve: one server with --max-batch {max(args.concurrency)} slots for every C (every "
+                   "active slot a row of one compiled engine call per step; an idle slot costs nothing), --prefill-chunk "
+                   f"{args.prefill_chunk}; llama-server: started for each C with -np C.")]
+    ratios = [(c, v, table.get(("llama.cpp", c))) for (system, c), v in table.items() if system == "memoryformer"]
+    if any(other for _, _, other in ratios):
+        lines += ["", "| C | output tok/s, ours / llama.cpp | TTFT p99, ours / llama.cpp |", "|---|---|---|"]
+        lines += [f"| {c} | {v['tok_s'] / o['tok_s']:.2f}x | {v['ttft_p99'] / o['ttft_p99']:.2f}x |"
+                  for c, v, o in ratios if o]
+    errors = [(system, c, e) for (system, c), v in table.items() for e in v.get("error_texts", [])]
+    if errors:
+        lines += ["", "Errors:"] + [f"- {system} C={c}: {e}" for system, c, e in errors]
     return "\n".join(lines) + "\n"
 
 
@@ -253,6 +267,8 @@ def parse_args(argv=None):
     p.add_argument("--output-len", type=span, default=(64, 128))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--prefill-chunk", type=int, default=0, help="our server's --prefill-chunk (0: whole prompts)")
+    p.add_argument("--spin-us", type=int, help="our server's --spin-us (default: its own)")
     p.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary, to load the same way")
     p.add_argument("--gguf", metavar="FILE", help="the GGUF model llama-server serves")
     p.add_argument("--label", help="a word for the title and file name (smoke: marked as not a target figure)")
@@ -292,6 +308,8 @@ def main(argv=None) -> None:
                     print(f"{name:12s} C={c:<3d} {s['tok_s']:8.1f} tok/s  {s['req_s']:6.2f} req/s  TTFT p50 "
                           f"{s['ttft_p50'] * 1e3:7.1f} ms  ITL p50 {s['itl_p50'] * 1e3:6.1f} ms  errors {s['errors']}",
                           flush=True)
+                    for e in s["error_texts"]:
+                        print(f"  error: {e}", flush=True)
             finally:
                 if "llama.cpp" in systems:
                     systems["llama.cpp"].stop()

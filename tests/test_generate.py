@@ -128,3 +128,34 @@ def test_token_ids_outside_the_vocabulary_are_named():
         m(torch.tensor([[1, 50]]))
     with pytest.raises(ValueError, match="token id -1"):
         m(torch.tensor([[-1, 2]]))
+
+
+def test_sample_next_keeps_the_nucleus_and_the_probabilities():
+    from memoryformer.generate import sample_next
+
+    g = torch.Generator().manual_seed(0)
+    lg = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    p = lg.softmax(-1)[0]
+    n = 20000
+
+    def freq(**kw):
+        draws = torch.cat([sample_next(lg, 1.0, kw.get("top_k"), kw.get("top_p"), g) for _ in range(n)])
+        return torch.bincount(draws[:, 0], minlength=6).float() / n
+
+    torch.testing.assert_close(freq(), p, atol=0.015, rtol=0)
+    # top_p 0.8: the three most likely (0.56 + 0.21 < 0.8 <= + 0.13), renormalised
+    torch.testing.assert_close(freq(top_p=0.8), torch.cat([p[:3] / p[:3].sum(), torch.zeros(3)]), atol=0.015, rtol=0)
+    # top_k 4 then top_p 0.9 of the renormalised four
+    q = p[:4] / p[:4].sum()
+    keep = int((q.cumsum(0) - q <= 0.9).sum())
+    want = torch.cat([q[:keep] / q[:keep].sum(), torch.zeros(6 - keep)])
+    torch.testing.assert_close(freq(top_k=4, top_p=0.9), want, atol=0.015, rtol=0)
+    # a flat distribution over many tokens: the nucleus is found by a threshold, nothing outside it is drawn
+    flat = torch.randn(2, 5000, generator=torch.Generator().manual_seed(1)) * 0.1
+    probs = flat.softmax(-1)
+    srt = probs.sort(-1, descending=True).values
+    for _ in range(200):
+        tok = sample_next(flat, 1.0, None, 0.5, g)[:, 0]
+        for r in range(2):
+            k = int((srt[r].cumsum(0) - srt[r] <= 0.5).sum())  # the nucleus: the k most likely
+            assert probs[r, tok[r]] >= srt[r, k - 1] * (1 - 1e-5)

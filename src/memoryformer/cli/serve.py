@@ -31,6 +31,9 @@ def add_serve(p) -> None:
     p.add_argument("--drain-timeout", type=duration, default=30.0, metavar="SECONDS", help="after SIGTERM, time "
                    "the requests in flight get to finish before they are cancelled (default 30s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--spin-us", type=int, default=2000, metavar="US", help="microseconds an idle kernel thread "
+                   "spins before it sleeps (default 2000; shorter gives other processes the cores sooner between "
+                   "steps)")
     p.add_argument("--eager", action="store_true", help="decode with the eager model even where the compiled "
                    "engine could run it (the reference)")
     p.add_argument("--device", default="cpu")
@@ -68,6 +71,11 @@ def run_serve(args) -> None:
         log.warning("serve: listening on %s with no --api-key: anyone who reaches it can use it", args.host)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.spin_us < 0:
+        raise ConfigError(f"spin-us: expected an integer >= 0, got {args.spin_us}")
+    from memoryformer.ops import cpu_ext
+
+    cpu_ext.spin_us(args.spin_us)
     model = load_model(args.checkpoint, device=args.device, verify=args.verify, tables=args.tables)
     try:
         engine = slot_engine_for(model, args.max_batch, engine=False if args.eager else None,

@@ -113,6 +113,18 @@ def parallel(name: str | None = None) -> str:
     return module.get_parallel()
 
 
+def spin_us(us: int | None = None) -> int:
+    """Microseconds an idle worker of the pool spins before it sleeps (default 2000: a decode loop's next step
+    finds it awake); set with `us`. A server sets it short, so that its HTTP and scheduler threads get the cores
+    between two steps."""
+    module = get()
+    if module is None:
+        return 0
+    if us is not None:
+        module.set_spin_us(int(us))
+    return module.get_spin_us()
+
+
 @contextlib.contextmanager
 def torch_serial():
     """torch ops of this thread on one thread inside the block, while the kernels run on their own pool: what runs

@@ -55,6 +55,8 @@ class _Row:
     generator: torch.Generator | None
     ids: list[int] = field(default_factory=list)  # sampled tokens that are text (no stop token)
     sent: str = ""
+    anchor: int = 0  # ids[:anchor] decode to the first anchor_chars characters of `sent`
+    anchor_chars: int = 0
     pending: int | None = None  # the last sampled token, fed at the next step
     last: float = 0.0
     fed: int = 0  # prompt tokens in the slot (chunked prefill: the rest go in with the next steps)
@@ -303,25 +305,29 @@ class Scheduler:
 
     def _text(self, row: _Row, final: bool) -> tuple[str, str | None]:
         """The text the row adds now and "stop" if a stop string ended it. Text that could still become a stop
-        string, and an incomplete UTF-8 character at the end, wait for the next token (unless `final`)."""
+        string, and an incomplete UTF-8 character at the end, wait for the next token (unless `final`). Only the
+        tokens after the last point where everything decoded had been sent are decoded again (`row.anchor`), so a
+        step costs the same at any length."""
         if self.decode is None:
             return "", None
-        full = self.decode(row.ids)
-        start = len(row.sent)
+        tail = self.decode(row.ids[row.anchor:])  # the text after the first row.anchor_chars characters
+        start = len(row.sent) - row.anchor_chars
         stops = row.handle.params.stop
         if stops:
-            hits = [i for i in (full.find(s, max(0, start - len(s) + 1)) for s in stops) if i >= 0]
+            hits = [i for i in (tail.find(s, max(0, start - len(s) + 1)) for s in stops) if i >= 0]
             if hits:
                 cut = min(hits)
-                new = full[start:cut] if cut > start else ""
+                new = tail[start:cut] if cut > start else ""
                 row.sent += new
                 return new, "stop"
-        end = len(full)
+        end = len(tail)
         if not final:
-            while end > start and full[end - 1] == "\ufffd":
+            while end > start and tail[end - 1] == "\ufffd":
                 end -= 1
-            hold = max((k for s in stops for k in range(1, len(s)) if full[:end].endswith(s[:k])), default=0)
+            hold = max((k for s in stops for k in range(1, len(s)) if tail[:end].endswith(s[:k])), default=0)
             end = max(start, end - hold)
-        new = full[start:end]
+        new = tail[start:end]
         row.sent += new
+        if end == len(tail):  # all sent: later tokens decode on their own
+            row.anchor, row.anchor_chars = len(row.ids), len(row.sent)
         return new, None

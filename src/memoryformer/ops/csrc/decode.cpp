@@ -119,6 +119,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_threads", &get_threads);
   m.def("set_parallel", &set_parallel, "which threads run the kernels' parallel loops: 'pool' or 'aten'");
   m.def("get_parallel", &get_parallel);
+  m.def("set_spin_us", [](int64_t us) { mfk::Pool::get().set_spin_us(us); }, "idle workers spin this long, then sleep");
+  m.def("get_spin_us", [] { return mfk::Pool::get().spin_us(); });
   m.def("set_prefetch", &set_prefetch, "rows a gather prefetches ahead (0: none)");
   m.def("pool_selftest", &pool_selftest, "back-to-back jobs through the thread pool; chunks not run exactly once",
         pybind11::arg("jobs"), pybind11::arg("n"), pybind11::arg("spin") = 0);

@@ -58,6 +58,10 @@ class Pool {
   }
 
   int size() const { return size_.load(); }
+  // How long an idle worker spins before it sleeps: long enough to catch the next job of a decode loop, short
+  // enough that other threads of the process (a server's) get the core between steps.
+  void set_spin_us(int64_t us) { spin_us_.store(std::max<int64_t>(0, us)); }
+  int64_t spin_us() const { return spin_us_.load(); }
 
   // Threads in use (1 = the caller only); at most the hardware's cores.
   void resize(int n) {
@@ -156,7 +160,7 @@ class Pool {
   std::atomic<int64_t> n_{0};
   std::mutex m_, run_m_;
   std::condition_variable cv_;
-  int64_t spin_us_ = 2000;  // a decode step comes back within this; past it the worker sleeps
+  std::atomic<int64_t> spin_us_{2000};  // a decode step comes back within this; past it the worker sleeps
 };
 
 
