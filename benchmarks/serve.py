@@ -168,7 +168,9 @@ async def run_round(url: str, jobs: list, c: int, time_limit: float) -> dict:
             _, (prompt, n_out) = queue.pop(0)
             results.append(await one_request(client, url, prompt, n_out))
 
-    limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+    # a new connection per request: llama-server closes idle keep-alive connections, and a request sent on one
+    # that it just closed fails before reaching it (httpx RemoteProtocolError), which is not the server's error
+    limits = httpx.Limits(max_connections=c, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit + 120), limits=limits) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(c)))
     wall = time.perf_counter() - start

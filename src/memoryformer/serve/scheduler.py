@@ -279,9 +279,11 @@ class Scheduler:
         """Sample each row's next token from its logits (n, V), send what it adds, finish the rows that are done."""
         now = time.perf_counter()
         gaps = []
-        for row, lg in zip(rows, logits):
+        greedy = logits.argmax(-1).tolist()  # one call for every row; the sampled rows draw their own below
+        for row, lg, best in zip(rows, logits, greedy):
             p, h = row.handle.params, row.handle
-            tok = int(sample_next(lg[None], p.temperature, p.top_k, p.top_p, row.generator)[0, 0])
+            tok = best if p.temperature == 0 else int(sample_next(lg[None], p.temperature, p.top_k, p.top_p,
+                                                                  row.generator)[0, 0])
             h.completion_tokens += 1
             if h.completion_tokens == 1:
                 self.metrics.first_token(now - h.arrival)

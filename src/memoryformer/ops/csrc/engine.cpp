@@ -92,7 +92,7 @@ class Engine {
     vc_ = at::zeros({L_, B_, nh_, S_, hd_}, opt);
     pos_.assign(B_, 0);
     // a pass holds up to cap_ tokens (rows of a decode step, or a prompt's tokens): their buffers side by side
-    cap_ = std::max<int64_t>(B_, kPrefillChunk);
+    cap_ = std::max<int64_t>(B_, std::min<int64_t>(kPrefillChunk, S_));
     kmax_ = std::max(d_ / tau_, hid_ / tau2_);
     x_.assign(cap_ * d_, 0.f);
     xn_.assign(cap_ * std::max(d_, hid_), 0.f);
@@ -103,7 +103,6 @@ class Engine {
     rows_.assign(cap_ * kmax_, 0);
     w_.assign(cap_ * kmax_, 0.f);
     tmp_.assign(cap_ * std::max(d_, hid_), 0.f);
-    scores_.assign(static_cast<size_t>(cap_ * nh_) * S_, 0.f);
     it_row_.assign(cap_, 0);
     it_pos_.assign(cap_, 0);
   }
@@ -171,7 +170,11 @@ class Engine {
   }
 
  private:
-  static constexpr int64_t kPrefillChunk = 64;  // tokens of one pass at most (beside the rows of a decode step)
+  // Tokens of one pass at most (beside the rows of a decode step). A pass takes each layer for all its tokens
+  // before the next layer, so a table row one token reads is often still in the L3 cache when a later token of
+  // the pass reads it: a 512-token MF-small int8 prompt took 1460 tokens/s in passes of 64, 1807-1848 in one
+  // (docs/SERVING.md). The buffers of a pass: ~16 MB for MF-small.
+  static constexpr int64_t kPrefillChunk = 512;
 
   at::Tensor run(const std::vector<int64_t>& rows, const std::vector<int64_t>& toks, const std::vector<uint8_t>& last) {
     const int64_t n = static_cast<int64_t>(rows.size());
@@ -226,8 +229,7 @@ class Engine {
                        w_.data() + i * m.K, tmp_.data() + i * m.K * m.tau, m.tab,
                        m.h * static_cast<int64_t>(c10::elementSize(m.dt)));
     };
-    if (n_ >= 4) mfk::parallel_chunks(n_, hash);
-    else for (int64_t i = 0; i < n_; ++i) hash(i);
+    per_token(hash);
     mark(kHash);
     mfk::dispatch_rows(m.dt, "engine: tables", [&](auto tag) {
       using T = decltype(tag);
@@ -303,8 +305,10 @@ class Engine {
     mfk::parallel_chunks(n_ * nh_, [&](int64_t q) {
       const int64_t i = q / nh_, h = q % nh_, b = it_row_[i];
       const int64_t off = (b * nh_ + h) * S_ * hd_;
-      mfk::attend(qkv_.data() + i * 3 * d_ + h * 3 * hd_, kc + off, vc + off, it_pos_[i] + 1, hd_,
-                  scores_.data() + q * S_, att_.data() + i * d_ + h * hd_);
+      thread_local std::vector<float> scores;  // one row of softmax scratch per thread
+      if (static_cast<int64_t>(scores.size()) < S_) scores.resize(S_);
+      mfk::attend(qkv_.data() + i * 3 * d_ + h * 3 * hd_, kc + off, vc + off, it_pos_[i] + 1, hd_, scores.data(),
+                  att_.data() + i * d_ + h * hd_);
     });
   }
 
@@ -312,25 +316,40 @@ class Engine {
   // MemoryFFN.forward (layers.py): l2(norm(act(l1 x))).
   void block(int64_t l) {
     const BlockW& bw = blocks_[l];
-    for (int64_t i = 0; i < n_; ++i) rms_norm(x_.data() + i * d_, bw.norm1.data_ptr<float>(), d_, rms_eps_, xn_.data() + i * d_);
+    per_token([&](int64_t i) { rms_norm(x_.data() + i * d_, bw.norm1.data_ptr<float>(), d_, rms_eps_, xn_.data() + i * d_); });
     mark(kNorm);
     memory_layer(bw.qkv, xn_.data(), qkv_.data(), kQKV);
     if (kv_dtype_ == at::kFloat) attention<float>(l);
     else attention<at::BFloat16>(l);
     mark(kAttention);
-    for (int64_t i = 0; i < n_ * d_; ++i) x_[i] += att_[i];
-    for (int64_t i = 0; i < n_; ++i) rms_norm(x_.data() + i * d_, bw.norm2.data_ptr<float>(), d_, rms_eps_, xn_.data() + i * d_);
+    per_token([&](int64_t i) {
+      float* x = x_.data() + i * d_;
+      const float* a = att_.data() + i * d_;
+      for (int64_t j = 0; j < d_; ++j) x[j] += a[j];
+      rms_norm(x, bw.norm2.data_ptr<float>(), d_, rms_eps_, xn_.data() + i * d_);
+    });
     mark(kNorm);
     memory_layer(bw.l1, xn_.data(), hid_buf_.data(), kL1);
-    for (int64_t i = 0; i < n_; ++i) {
+    per_token([&](int64_t i) {
       float* hb = hid_buf_.data() + i * hid_;
       if (gelu_) gelu(hb, hid_);  // nn.GELU before the LayerNorm, as MemoryBlock.forward
       layer_norm(hb, bw.ln_w.data_ptr<float>(), bw.ln_b.data_ptr<float>(), hid_, ln_eps_);
-    }
+    });
     mark(kNorm);
     memory_layer(bw.l2, hid_buf_.data(), out_.data(), kL2);
-    for (int64_t i = 0; i < n_ * d_; ++i) x_[i] += out_[i];
+    per_token([&](int64_t i) {
+      float* x = x_.data() + i * d_;
+      const float* o = out_.data() + i * d_;
+      for (int64_t j = 0; j < d_; ++j) x[j] += o[j];
+    });
     mark(kNorm);
+  }
+
+  // f(i) for every token of the pass: on the threads from 4 tokens on (each token's numbers are its own).
+  template <typename F>
+  void per_token(const F& f) {
+    if (n_ >= 4) mfk::parallel_chunks(n_, [&](int64_t i) { f(i); });
+    else for (int64_t i = 0; i < n_; ++i) f(i);
   }
 
   // Optional per-phase wall time (set_option("profile", 1)), for the benchmark's breakdown.
@@ -366,7 +385,7 @@ class Engine {
   at::ScalarType kv_dtype_;
   at::Tensor embed_, embed_scale_, head_, head_scale_, final_norm_, cos_, sin_, kc_, vc_;
   std::vector<BlockW> blocks_;
-  std::vector<float> x_, xn_, qkv_, att_, hid_buf_, out_, w_, tmp_, scores_;
+  std::vector<float> x_, xn_, qkv_, att_, hid_buf_, out_, w_, tmp_;
   std::vector<int64_t> rows_, pos_, it_row_, it_pos_;
   int64_t n_ = 0;  // tokens in the current pass: token i is row it_row_[i] at position it_pos_[i]
   mfk::HeadScratch head_scratch_;
