@@ -122,6 +122,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_spin_us", [](int64_t us) { mfk::Pool::get().set_spin_us(us); }, "idle workers spin this long, then sleep");
   m.def("get_spin_us", [] { return mfk::Pool::get().spin_us(); });
   m.def("set_prefetch", &set_prefetch, "rows a gather prefetches ahead (0: none)");
+  m.def("set_prefetch_l2", [](int64_t rows) { mfk::g_prefetch_rows_l2.store(static_cast<int>(std::max<int64_t>(0, rows))); },
+        "whole rows a gather of several tokens requests into L2 ahead (0: none)");
   m.def("pool_selftest", &pool_selftest, "back-to-back jobs through the thread pool; chunks not run exactly once",
         pybind11::arg("jobs"), pybind11::arg("n"), pybind11::arg("spin") = 0);
   register_engine(m);

@@ -234,7 +234,7 @@ class Engine {
     mfk::dispatch_rows(m.dt, "engine: tables", [&](auto tag) {
       using T = decltype(tag);
       const T* tab = reinterpret_cast<const T*>(m.tab);
-      if (n_ >= 2) {  // whole rows, each thread a run of tokens: every row one contiguous stream
+      if (n_ >= 2) {  // whole rows, each thread a run of tokens, the next rows (of its next tokens too) into L2
         const int64_t nc = std::min<int64_t>(n_, mfk::parallel_threads());
         mfk::parallel_chunks(nc, [&](int64_t c) {
           const int64_t i0 = c * n_ / nc, i1 = (c + 1) * n_ / nc;
@@ -242,7 +242,8 @@ class Engine {
             float* o = y + i * m.h;
             if (m.b) std::memcpy(o, m.b, m.h * sizeof(float));
             else std::fill(o, o + m.h, 0.f);
-            mfk::gather_cols(tab, rows_.data() + i * m.K, w_.data() + i * m.K, m.K, m.h, 0, m.h, o, -1, false, false);
+            mfk::gather_cols(tab, rows_.data() + i * m.K, w_.data() + i * m.K, m.K, m.h, 0, m.h, o, (i1 - i) * m.K,
+                             i > i0, mfk::Prefetch::kL2);
           }
         });
         return;

@@ -101,34 +101,45 @@ inline void hash_chunks(const float* x, int64_t K, int64_t tau, bool msb, bool c
 // Gather: out[c0:c1] += sum_k w[k] * tab[rows[k] * h + c0 : ... + c1], rows prefetched `dist` ahead.
 
 template <typename T>
-inline void prefetch_row(const T* row, int64_t c0, int64_t c1) {
+inline void prefetch_row(const T* row, int64_t c0, int64_t c1, bool to_l2 = false) {
   const char* p = reinterpret_cast<const char*>(row + c0);
   const int64_t bytes = (c1 - c0) * static_cast<int64_t>(sizeof(T));
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+  if (to_l2)
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);  // prefetcht1
+  else
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);  // prefetcht0
 }
 
 // Rows a gather prefetches ahead of the one it adds (0: none); `set_prefetch` in the bindings, for measurements.
 inline std::atomic<int> g_prefetch_rows{8};
+// The same for whole rows requested into L2 (Prefetch::kL2).
+inline std::atomic<int> g_prefetch_rows_l2{16};
+
+// How a gather requests the rows ahead of the one it adds: a slice of each into L1 (kL1: the column split of one
+// token, every thread a slice of every row), or whole rows into L2 (kL2: each thread whole rows of its own tokens).
+// Whole rows in L1 evict the rows being added before their turn; whole rows left to the hardware prefetchers arrive
+// late at every row start. MF-small int8, 144-token prompt / 8 rows decoding: 1909 / 940 tokens/s with no software
+// prefetch, 2270 / 997 with whole rows 16 ahead into L2 (8 or 32: the same); in another run 1885 / 849 with none,
+// 1896 / 827 with whole rows 8 ahead into L1.
+enum class Prefetch { kL1, kL2 };
 
 // kpf: rows of `rows` that may be prefetched (>= K; the rows of the tokens gathered next, so that one token's
 // prefetches run on into the next one's); warm: the first `dist` rows were requested by such a predecessor.
-// prefetch: false leaves whole rows (c0 = 0, c1 = h: one contiguous stream each, whose first line the hash
-// requested) to the hardware prefetchers, which then do better than software prefetch (MF-small int8, 8 tokens
-// a thread: 2.4 against 2.8 ms a step).
 template <typename T>
 inline void gather_cols(const T* tab, const int64_t* rows, const float* w, int64_t K, int64_t h, int64_t c0,
-                        int64_t c1, float* out, int64_t kpf = -1, bool warm = false, bool prefetch = true) {
+                        int64_t c1, float* out, int64_t kpf = -1, bool warm = false, Prefetch mode = Prefetch::kL1) {
+  const bool l2 = mode == Prefetch::kL2;
+  const int dist = (l2 ? g_prefetch_rows_l2 : g_prefetch_rows).load(std::memory_order_relaxed);
   if (c1 <= c0) return;
-  const int dist = prefetch ? g_prefetch_rows.load(std::memory_order_relaxed) : 0;
   if (kpf < K) kpf = K;
   if (!warm)
-    for (int64_t k = 0; k < std::min<int64_t>(dist, K); ++k) prefetch_row(tab + rows[k] * h, c0, c1);
+    for (int64_t k = 0; k < std::min<int64_t>(dist, K); ++k) prefetch_row(tab + rows[k] * h, c0, c1, l2);
   int64_t k = 0;
 #if MF_AVX2
   const int64_t cv = c0 + (c1 - c0) / 8 * 8;
   for (; k + 4 <= K; k += 4) {  // four rows per pass over out: a quarter of the load/store traffic on out
     if (dist > 0)
-      for (int64_t q = k + dist; q < std::min(kpf, k + dist + 4); ++q) prefetch_row(tab + rows[q] * h, c0, c1);
+      for (int64_t q = k + dist; q < std::min(kpf, k + dist + 4); ++q) prefetch_row(tab + rows[q] * h, c0, c1, l2);
     const T *r0 = tab + rows[k] * h, *r1 = tab + rows[k + 1] * h, *r2 = tab + rows[k + 2] * h, *r3 = tab + rows[k + 3] * h;
     const __m256 w0 = _mm256_set1_ps(w[k]), w1 = _mm256_set1_ps(w[k + 1]), w2 = _mm256_set1_ps(w[k + 2]),
                  w3 = _mm256_set1_ps(w[k + 3]);
@@ -156,7 +167,7 @@ inline void gather_cols(const T* tab, const int64_t* rows, const float* w, int64
   }
 #endif
   for (; k < K; ++k) {
-    if (dist > 0 && k + dist < kpf) prefetch_row(tab + rows[k + dist] * h, c0, c1);
+    if (dist > 0 && k + dist < kpf) prefetch_row(tab + rows[k + dist] * h, c0, c1, l2);
     const T* r = tab + rows[k] * h;
     const float wk = w[k];
     for (int64_t j = c0; j < c1; ++j) out[j] += wk * to_f(r[j]);
