@@ -224,10 +224,13 @@ class Engine {
   // on the threads; each thread then gathers its columns of every token, the next token's rows prefetched while
   // the last ones of the one before are added.
   void memory_layer(const MemW& m, const float* x, float* y, int phase) {
+    // several tokens: each token's int8 row scales are multiplied in by the thread that gathers its rows, when the
+    // lines the hash requested have had the other tokens' hashing to arrive
+    const bool late_scale = n_ >= 2 && m.sc != nullptr;
     auto hash = [&](int64_t i) {
       mfk::hash_chunks(x + i * m.K * m.tau, m.K, m.tau, msb_, code_w_, c_, m.sc, rows_.data() + i * m.K,
                        w_.data() + i * m.K, tmp_.data() + i * m.K * m.tau, m.tab,
-                       m.h * static_cast<int64_t>(c10::elementSize(m.dt)));
+                       m.h * static_cast<int64_t>(c10::elementSize(m.dt)), !late_scale);
     };
     per_token(hash);
     mark(kHash);
@@ -239,6 +242,7 @@ class Engine {
         mfk::parallel_chunks(nc, [&](int64_t c) {
           const int64_t i0 = c * n_ / nc, i1 = (c + 1) * n_ / nc;
           for (int64_t i = i0; i < i1; ++i) {
+            if (late_scale) mfk::scale_weights(m.sc, rows_.data() + i * m.K, w_.data() + i * m.K, m.K);
             float* o = y + i * m.h;
             if (m.b) std::memcpy(o, m.b, m.h * sizeof(float));
             else std::fill(o, o + m.h, 0.f);

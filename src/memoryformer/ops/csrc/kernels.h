@@ -41,9 +41,11 @@ inline void* alloc_huge(size_t bytes) {
 // p = prod_j sigmoid(c |x_j|) = 1 / prod_j (1 + exp(-c |x_j|)) with c = 2 / temperature, times ||x_k||_1 for the
 // "code" weighting, times the row's int8 scale if given. rows[k] = k*R + code. tmp: K*tau floats of scratch.
 // Once the codes are known, the first line of each row of `tab` (rows of `row_bytes` bytes, if given) is requested.
+// apply_scale false: the scales are only requested, and the caller multiplies them in later (scale_weights), once
+// their lines have arrived.
 inline void hash_chunks(const float* x, int64_t K, int64_t tau, bool msb, bool code_weighting, float c,
                         const float* scale, int64_t* rows, float* w, float* tmp, const void* tab = nullptr,
-                        int64_t row_bytes = 0) {
+                        int64_t row_bytes = 0, bool apply_scale = true) {
   const int64_t R = int64_t(1) << tau;
   int64_t k0 = 0;
 #if MF_AVX2
@@ -93,8 +95,12 @@ inline void hash_chunks(const float* x, int64_t K, int64_t tau, bool msb, bool c
     w[k] = code_weighting ? p * l1 : p;
     if (tab) __builtin_prefetch(static_cast<const char*>(tab) + rows[k] * row_bytes, 0, 3);
   }
-  if (scale)
+  if (scale && apply_scale)
     for (int64_t k = 0; k < K; ++k) w[k] *= scale[rows[k]];
+}
+
+inline void scale_weights(const float* scale, const int64_t* rows, float* w, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) w[k] *= scale[rows[k]];
 }
 
 // ---------------------------------------------------------------------------------------------------------------
