@@ -292,21 +292,21 @@ class Engine {
   void attention(int64_t l) {
     KV* kc = reinterpret_cast<KV*>(kc_.data_ptr()) + l * B_ * nh_ * S_ * hd_;
     KV* vc = reinterpret_cast<KV*>(vc_.data_ptr()) + l * B_ * nh_ * S_ * hd_;
-    for (int64_t i = 0; i < n_; ++i) {
-      const int64_t b = it_row_[i], p = it_pos_[i];
-      const float* cs = rot_ ? cos_.data_ptr<float>() + p * rot_ : nullptr;
-      const float* sn = rot_ ? sin_.data_ptr<float>() + p * rot_ : nullptr;
-      for (int64_t h = 0; h < nh_; ++h) {
-        float* base = qkv_.data() + i * 3 * d_ + h * 3 * hd_;  // per head [q | k | v] (GPT-NeoX order)
-        if (rot_) {
-          rotate(base, cs, sn);
-          rotate(base + hd_, cs, sn);
-        }
-        const int64_t at = ((b * nh_ + h) * S_ + p) * hd_;
-        store(kc + at, base + hd_);
-        store(vc + at, base + 2 * hd_);
+    auto place = [&](int64_t q) {  // rotary on (token, head)'s q and k, its k / v into the cache
+      const int64_t i = q / nh_, h = q % nh_, b = it_row_[i], p = it_pos_[i];
+      float* base = qkv_.data() + i * 3 * d_ + h * 3 * hd_;  // per head [q | k | v] (GPT-NeoX order)
+      if (rot_) {
+        const float* cs = cos_.data_ptr<float>() + p * rot_;
+        const float* sn = sin_.data_ptr<float>() + p * rot_;
+        rotate(base, cs, sn);
+        rotate(base + hd_, cs, sn);
       }
-    }
+      const int64_t at = ((b * nh_ + h) * S_ + p) * hd_;
+      store(kc + at, base + hd_);
+      store(vc + at, base + 2 * hd_);
+    };
+    if (n_ >= 2) mfk::parallel_chunks(n_ * nh_, place);  // all of them before any attention reads the cache
+    else for (int64_t q = 0; q < nh_; ++q) place(q);
     mfk::parallel_chunks(n_ * nh_, [&](int64_t q) {
       const int64_t i = q / nh_, h = q % nh_, b = it_row_[i];
       const int64_t off = (b * nh_ + h) * S_ * hd_;
