@@ -166,6 +166,23 @@ def test_engine_rows_at_their_own_positions():
 
 
 @needs_ext
+@pytest.mark.parametrize("n_head", [1, 2, 4, 8])  # head_dim 64, 32, 16, 8
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_engine_prompt_attention_in_fours_is_attention_one_by_one(n_head, kv_dtype):
+    # a prompt's tokens attend four at a time (each key read once for the four); tokens of two rows interleaved
+    # attend one by one: the same logits bit for bit, prompts of lengths around the groups of 4 keys
+    model = build(n_head=n_head)
+    for T in (5, 11, 16):
+        ids = torch.randint(0, 300, (2, T), generator=torch.Generator().manual_seed(T))
+        one_by_one = inf.DecodeEngine(model, batch_size=2, kv_dtype=kv_dtype).prefill(ids)  # token-major: interleaved
+        fours = inf.DecodeEngine(model, batch_size=2, kv_dtype=kv_dtype)
+        rows = torch.tensor([0] * T + [1] * T)
+        last = torch.zeros(2 * T, dtype=torch.bool)
+        last[[T - 1, 2 * T - 1]] = True
+        assert torch.equal(fours.feed(rows, ids.reshape(-1), last), one_by_one), T
+
+
+@needs_ext
 def test_engine_refuses_what_it_cannot_run():
     model = build()
     eng = inf.DecodeEngine(model, max_seq_len=6)

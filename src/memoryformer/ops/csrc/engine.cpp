@@ -307,13 +307,33 @@ class Engine {
     };
     if (n_ >= 2) mfk::parallel_chunks(n_ * nh_, place);  // all of them before any attention reads the cache
     else for (int64_t q = 0; q < nh_; ++q) place(q);
-    mfk::parallel_chunks(n_ * nh_, [&](int64_t q) {
-      const int64_t i = q / nh_, h = q % nh_, b = it_row_[i];
-      const int64_t off = (b * nh_ + h) * S_ * hd_;
-      thread_local std::vector<float> scores;  // one row of softmax scratch per thread
-      if (static_cast<int64_t>(scores.size()) < S_) scores.resize(S_);
-      mfk::attend(qkv_.data() + i * 3 * d_ + h * 3 * hd_, kc + off, vc + off, it_pos_[i] + 1, hd_, scores.data(),
-                  att_.data() + i * d_ + h * hd_);
+    // runs of 4 tokens of one row at consecutive positions (a prompt) attend together: attend4 reads each key and
+    // value once for the four; any other token (a decode step's) alone
+    groups_.clear();
+    for (int64_t i = 0; i < n_;) {
+      const bool four = i + 4 <= n_ && it_row_[i + 3] == it_row_[i] && it_pos_[i + 3] == it_pos_[i] + 3 &&
+                        it_row_[i + 1] == it_row_[i] && it_row_[i + 2] == it_row_[i];
+      groups_.push_back(i);
+      i += four ? 4 : 1;
+    }
+    const int64_t ng = static_cast<int64_t>(groups_.size());
+    mfk::parallel_chunks(ng * nh_, [&](int64_t q) {
+      const int64_t g = q / nh_, h = q % nh_, i = groups_[g];
+      const int64_t size = (g + 1 < ng ? groups_[g + 1] : n_) - i;
+      const int64_t off = (it_row_[i] * nh_ + h) * S_ * hd_;
+      thread_local std::vector<float> scores;  // softmax scratch per thread: a row per query of a group
+      if (static_cast<int64_t>(scores.size()) < 4 * S_) scores.resize(4 * S_);
+      auto qp = [&](int64_t j) { return qkv_.data() + (i + j) * 3 * d_ + h * 3 * hd_; };
+      auto op = [&](int64_t j) { return att_.data() + (i + j) * d_ + h * hd_; };
+      if (size == 4) {
+        const float* qs[4] = {qp(0), qp(1), qp(2), qp(3)};
+        float* sc[4] = {scores.data(), scores.data() + S_, scores.data() + 2 * S_, scores.data() + 3 * S_};
+        float* os[4] = {op(0), op(1), op(2), op(3)};
+        const int64_t n[4] = {it_pos_[i] + 1, it_pos_[i] + 2, it_pos_[i] + 3, it_pos_[i] + 4};
+        if (mfk::attend4(qs, kc + off, vc + off, n, hd_, sc, os)) return;
+      }
+      for (int64_t j = 0; j < size; ++j)
+        mfk::attend(qp(j), kc + off, vc + off, it_pos_[i + j] + 1, hd_, scores.data(), op(j));
     });
   }
 
@@ -391,7 +411,7 @@ class Engine {
   at::Tensor embed_, embed_scale_, head_, head_scale_, final_norm_, cos_, sin_, kc_, vc_;
   std::vector<BlockW> blocks_;
   std::vector<float> x_, xn_, qkv_, att_, hid_buf_, out_, w_, tmp_;
-  std::vector<int64_t> rows_, pos_, it_row_, it_pos_;
+  std::vector<int64_t> rows_, pos_, it_row_, it_pos_, groups_;
   int64_t n_ = 0;  // tokens in the current pass: token i is row it_row_[i] at position it_pos_[i]
   mfk::HeadScratch head_scratch_;
   int64_t head_calls_ = 0;
