@@ -110,6 +110,19 @@ inline void pv_sum_g(const float* const* p, const KV* vc, const int64_t* n, floa
 }
 #endif
 
+// f(std::integral_constant<int, NQ>) for head_dim = 8 * NQ of the vector kernels (8 ... 128); nothing otherwise.
+template <typename F>
+inline void with_nq(int64_t hd, F&& f) {
+  switch (hd) {
+    case 8: f(std::integral_constant<int, 1>{}); break;
+    case 16: f(std::integral_constant<int, 2>{}); break;
+    case 32: f(std::integral_constant<int, 4>{}); break;
+    case 64: f(std::integral_constant<int, 8>{}); break;
+    case 128: f(std::integral_constant<int, 16>{}); break;
+    default: break;
+  }
+}
+
 // sc[0:n) -= max, exp, in place; returns the sum (double), as attend() normalises by.
 inline double softmax_unnormalised(float* sc, int64_t n) {
   float mx = -INFINITY;
@@ -136,14 +149,7 @@ inline void attend(const float* q, const KV* kc, const KV* vc, int64_t n, int64_
     for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
     done = true;
   };
-  switch (hd) {
-    case 8: vec(std::integral_constant<int, 1>{}); break;
-    case 16: vec(std::integral_constant<int, 2>{}); break;
-    case 32: vec(std::integral_constant<int, 4>{}); break;
-    case 64: vec(std::integral_constant<int, 8>{}); break;
-    case 128: vec(std::integral_constant<int, 16>{}); break;
-    default: break;
-  }
+  with_nq(hd, vec);
 #endif
   if (done) return;
   float mx = -INFINITY;
@@ -190,14 +196,7 @@ inline bool attend4(const float* const* q, const KV* kc, const KV* vc, const int
     }
     done = true;
   };
-  switch (hd) {
-    case 8: vec(std::integral_constant<int, 1>{}); break;
-    case 16: vec(std::integral_constant<int, 2>{}); break;
-    case 32: vec(std::integral_constant<int, 4>{}); break;
-    case 64: vec(std::integral_constant<int, 8>{}); break;
-    case 128: vec(std::integral_constant<int, 16>{}); break;
-    default: break;
-  }
+  with_nq(hd, vec);
   return done;
 #else
   return false;
