@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_timing import (PHASES, PRECISIONS, dense_bytes_per_token, mf_bytes_per_token, mf_model,  # noqa: E402
-                           one_min_load, profile_engine, run_engine)
+from engine_timing import (LLAMA, PAIRS, PHASES, PRECISIONS, dense_bytes_per_token, mf_bytes_per_token,  # noqa: E402
+                           mf_model, one_min_load, profile_engine, run_engine)
 from kernel_timing import RESULTS, device_name, header, load, slug  # noqa: E402
 import decode_batch  # noqa: E402
 
@@ -44,8 +44,6 @@ import memoryformer as mf  # noqa: E402
 from memoryformer import inference as inf  # noqa: E402
 from memoryformer.ops import cpu_ext  # noqa: E402
 
-PAIRS = {"tiny": "70m", "small": "160m"}  # MemoryFormer preset -> the Pythia shape it is compared with
-LLAMA = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # llama.cpp's formats at the same weight precision
 
 
 def stream_gbs(mb: int = 512, reps: int = 5) -> float:

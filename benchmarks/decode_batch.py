@@ -21,13 +21,11 @@ from pathlib import Path
 
 import torch
 
-from engine_timing import PHASES, mf_model, one_min_load
+from engine_timing import LLAMA, PAIRS, PHASES, mf_model, one_min_load
 
 from memoryformer import inference as inf
 from memoryformer.ops import cpu_ext
 
-PAIRS = {"tiny": "70m", "small": "160m"}
-LLAMA = {"fp32": "f32", "bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
 
 
 def add_args(ap) -> None:

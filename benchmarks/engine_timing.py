@@ -14,6 +14,8 @@ from memoryformer import inference as inf
 from memoryformer.ops import cpu_ext
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
+PAIRS = {"tiny": "70m", "small": "160m"}  # MemoryFormer preset -> the Pythia shape it is compared with
+LLAMA = {"fp32": "f32", "bf16": "f16", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's format at each weight precision
 ELEM = {"fp32": 4, "bf16": 2, "int8": 1}
 PHASES = ("embed", "hash", "gather_qkv", "attention", "norms_residuals", "gather_block_l1", "gather_block_l2", "head")
 
